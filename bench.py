@@ -1,0 +1,478 @@
+"""bench.py — Mamba's linear scaling against attention's quadratic one, and its generation throughput.
+
+    python bench.py                  scaling + generation on the GPU: OUT/results.json, OUT/scaling.png, tables
+    python bench.py --kernel         our Triton scan against the official CUDA kernel (../shared/anchors timings)
+    python bench.py --quick          small sizes, runs on a CPU in under a minute
+
+Sections
+  scaling     time of forward and forward+backward, and peak memory, against sequence length (batch 1): the selective
+              scan (Triton kernel, parallel scan, reference loop) at d_inner 1536, d_state 16, against causal attention
+              (naive, with the score matrix materialised, and PyTorch's scaled_dot_product_attention) at 12 heads × 64 —
+              the two mixers of a d_model 768 block. Out-of-memory points are recorded as such; a method whose last
+              point took longer than --max-seconds stops there. Slopes are fitted on log-log axes from --fit-from on.
+  generation  a Mamba LM (d_model 768 × 24 layers) and a GPT-style Transformer (768 × 12 layers) of ~130M parameters,
+              random weights, bf16: a prompt of 2048 tokens, then 128 new tokens; both decoders are captured in CUDA
+              graphs (Transformer: static KV cache + SDPA; Mamba: its O(1) recurrent step). tokens/s = batch · 128 / time.
+  kernel      the anchors' four shapes: ours vs the official kernel, direct and normalised by SDPA timed in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mini_mamba.mamba import MambaConfig, MambaLM
+from mini_mamba.scan import selective_scan
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def time_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of fn(): triton's do_bench on a GPU, a few perf_counter runs on a CPU."""
+    if device.type == "cuda":
+        import triton
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    fn()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(runs))
+
+
+def guarded(run, device: torch.device) -> dict:
+    """run() -> a dict of measurements, with the peak GPU memory added (None on a CPU); {"oom": True} instead when it
+    runs out of memory."""
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        result = run()
+        return dict(result, peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
+        if not is_oom(error) and not isinstance(error, MemoryError):
+            raise
+        return dict(oom=True)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure(make, device: torch.device) -> dict:
+    """make() -> (forward, forward_backward) closures over allocated inputs. Returns their times (ms) and the peak
+    memory (bytes) of forward+backward, or {"oom": True}."""
+    def run():
+        forward, forward_backward = make()
+        return dict(fwd_ms=time_ms(forward, device), fwd_bwd_ms=time_ms(forward_backward, device))
+    return guarded(run, device)
+
+
+def fitted_slope(points: list[dict], key: str, fit_from: int) -> float | None:
+    """Slope of log(time or memory) against log(seqlen) over the points from fit_from on."""
+    xs = [(p["seqlen"], p[key]) for p in points if p.get(key) and p["seqlen"] >= fit_from]
+    if len(xs) < 2:
+        return None
+    L, y = np.log([x[0] for x in xs]), np.log([x[1] for x in xs])
+    return float(np.polyfit(L, y, 1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two mixers at matched width
+
+
+def scan_inputs(batch: int, d_inner: int, seqlen: int, d_state: int, device, dtype=torch.bfloat16) -> dict:
+    """The anchors' inputs: bf16 sequences, fp32 parameters, per-step B and C, softplus, z gate."""
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, device=device, dtype=dt)
+    return dict(u=randn(batch, d_inner, seqlen), delta=0.5 * randn(batch, d_inner, seqlen),
+                A=-torch.exp(0.5 * randn(d_inner, d_state, dt=torch.float32)), B=randn(batch, d_state, seqlen),
+                C=randn(batch, d_state, seqlen), D=randn(d_inner, dt=torch.float32), z=randn(batch, d_inner, seqlen),
+                delta_bias=torch.full((d_inner,), -2.0, device=device), delta_softplus=True)
+
+
+def with_grads(inputs: dict) -> dict:
+    return {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def scan_maker(impl: str, batch: int, d_inner: int, seqlen: int, d_state: int, device, dtype):
+    def make():
+        inputs = with_grads(scan_inputs(batch, d_inner, seqlen, d_state, device, dtype))
+        dout = torch.randn_like(inputs["u"])
+
+        def forward():
+            with torch.no_grad():
+                selective_scan(**inputs, impl=impl)
+
+        def forward_backward():
+            for x in inputs.values():
+                if isinstance(x, torch.Tensor):
+                    x.grad = None
+            selective_scan(**inputs, impl=impl).backward(dout)
+        return forward, forward_backward
+    return make
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q kᵀ/√d) v with the (seqlen × seqlen) score matrix materialised."""
+    seqlen = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])                      # (b, heads, L, L)
+    future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")).float(), -1).to(q.dtype) @ v
+
+
+def sdpa_attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_maker(attention, batch: int, seqlen: int, device, dtype, heads: int = 12, head_dim: int = 64):
+    def make():
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn_like(q)
+
+        def forward():
+            with torch.no_grad():
+                attention(q, k, v)
+
+        def forward_backward():
+            for x in (q, k, v):
+                x.grad = None
+            attention(q, k, v).backward(dout)
+        return forward, forward_backward
+    return make
+
+
+def scaling(args, device, dtype) -> dict:
+    lengths = [args.min_len * 2 ** i for i in range(int(math.log2(args.max_len // args.min_len)) + 1)]
+    methods = {
+        "scan (Triton)": (lambda L: scan_maker("triton", 1, args.d_inner, L, 16, device, dtype), args.max_len),
+        "scan (parallel)": (lambda L: scan_maker("parallel", 1, args.d_inner, L, 16, device, dtype), args.max_len),
+        "scan (reference loop)": (lambda L: scan_maker("ref", 1, args.d_inner, L, 16, device, dtype), args.ref_max_len),
+        "attention (naive)": (lambda L: attention_maker(naive_attention, 1, L, device, dtype), args.max_len),
+        "attention (SDPA)": (lambda L: attention_maker(sdpa_attention, 1, L, device, dtype), args.max_len),
+    }
+    if device.type != "cuda":
+        del methods["scan (Triton)"]                 # the interpreter is far too slow to time
+    results = {}
+    for name, (maker, max_len) in methods.items():
+        points, stopped = [], None
+        for L in tqdm([L for L in lengths if L <= max_len], desc=name, leave=False):
+            if stopped:
+                points.append(dict(seqlen=L, skipped=stopped))
+                continue
+            point = dict(seqlen=L, **measure(maker(L), device))
+            points.append(point)
+            if point.get("oom"):
+                stopped = "out of memory at a shorter length"
+            elif point["fwd_bwd_ms"] > 1e3 * args.max_seconds:
+                stopped = f"forward+backward over {args.max_seconds} s at a shorter length"
+        results[name] = dict(points=points, **{f"slope_{key}": fitted_slope(points, key, args.fit_from)
+                                               for key in ("fwd_ms", "fwd_bwd_ms", "peak_bytes")})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation: a Transformer with a KV cache against Mamba's recurrent step
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder (pre-norm, learned positions, tied head) with a static KV cache for decoding."""
+
+    def __init__(self, vocab_size=50280, d_model=768, n_layers=12, heads=12, max_len=4096):
+        super().__init__()
+        self.heads, self.max_len = heads, max_len
+        self.wte, self.wpe = nn.Embedding(vocab_size, d_model), nn.Embedding(max_len, d_model)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(d_model), qkv=nn.Linear(d_model, 3 * d_model), proj=nn.Linear(d_model, d_model),
+            ln2=nn.LayerNorm(d_model), mlp=nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                                         nn.Linear(4 * d_model, d_model)))) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.wte.weight
+
+    def empty_cache(self, batch: int, device, dtype) -> torch.Tensor:
+        d_head = self.wte.embedding_dim // self.heads                      # (layers, k|v, b, heads, max_len, d_head)
+        return torch.zeros(len(self.blocks), 2, batch, self.heads, self.max_len, d_head, device=device, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor, cache: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """ids (b, l) at positions start..start+l-1; their keys and values go into the cache; -> logits (b, l, V).
+        A prompt (start = 0) attends causally within itself; a single token attends to the cache up to itself."""
+        batch, seqlen = ids.shape
+        positions = start + torch.arange(seqlen, device=ids.device)                        # (l,)
+        x = self.wte(ids) + self.wpe(positions)
+        for i, block in enumerate(self.blocks):
+            q, k, v = (t.view(batch, seqlen, self.heads, -1).transpose(1, 2)
+                       for t in block["qkv"](block["ln1"](x)).chunk(3, -1))           # (b, heads, l, d_head)
+            cache[i, 0].index_copy_(2, positions, k)
+            cache[i, 1].index_copy_(2, positions, v)
+            if seqlen > 1:                                                                 # the prompt
+                att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:                                                                          # one new token
+                visible = (torch.arange(self.max_len, device=ids.device) <= positions).view(1, 1, 1, -1)
+                att = F.scaled_dot_product_attention(q, cache[i, 0], cache[i, 1], attn_mask=visible)
+            x = x + block["proj"](att.transpose(1, 2).reshape(batch, seqlen, -1))
+            x = x + block["mlp"](block["ln2"](x))
+        return self.head(self.ln_f(x))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generation(prefill, step, batch: int, new_tokens: int, device, use_graph: bool) -> dict:
+    """prefill() -> the first new token (b,), resetting the model's state; step(token) -> the next token, updating
+    the state in place. Times prefill + (new_tokens - 1) steps; the steps are CUDA-graph replays when use_graph."""
+    def run():
+        token = prefill().clone()                                   # `token` is the static input of the graph
+        if use_graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                           # warm up outside the graph, as capture requires
+                token.copy_(step(token))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                token.copy_(step(token))
+            advance = graph.replay
+        else:
+            def advance():
+                token.copy_(step(token))
+        synchronize(device)
+        start = time.perf_counter()
+        token.copy_(prefill())
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+        for _ in range(new_tokens - 1):
+            advance()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        return dict(tokens_per_s=batch * new_tokens / seconds, seconds=seconds, prefill_s=prefill_s)
+    return guarded(run, device)
+
+
+def mamba_decoder(lm: MambaLM, prompt: torch.Tensor):
+    """(prefill, step) for time_generation: one parallel pass over the prompt, then the recurrent step."""
+    states = lm.empty_state(prompt.shape[0], prompt.device, prompt.dtype if prompt.is_floating_point() else None)
+    states = [(conv.to(lm.embedding.weight.dtype), ssm) for conv, ssm in states]
+
+    def keep(new_states):                                           # into the same buffers: the graph reads them
+        for (conv, ssm), (new_conv, new_ssm) in zip(states, new_states):
+            conv.copy_(new_conv)
+            ssm.copy_(new_ssm)
+
+    @torch.no_grad()
+    def prefill():
+        logits, new_states = lm(prompt, return_state=True)
+        keep(new_states)
+        return logits[:, -1].argmax(-1)
+
+    @torch.no_grad()
+    def step(token):
+        logits, new_states = lm.step(token, states)
+        keep(new_states)
+        return logits.argmax(-1)
+    return prefill, step
+
+
+def gpt_decoder(gpt: GPT, prompt: torch.Tensor):
+    """(prefill, step) for time_generation: the prompt fills the KV cache, then one token at a time."""
+    cache = gpt.empty_cache(prompt.shape[0], prompt.device, gpt.wte.weight.dtype)
+    position = torch.zeros((), dtype=torch.long, device=prompt.device)
+
+    @torch.no_grad()
+    def prefill():
+        position.zero_()
+        logits = gpt(prompt, cache, position)
+        position.fill_(prompt.shape[1])
+        return logits[:, -1].argmax(-1)
+
+    @torch.no_grad()
+    def step(token):
+        logits = gpt(token[:, None], cache, position)
+        position.add_(1)
+        return logits[:, -1].argmax(-1)
+    return prefill, step
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def generation(args, device, dtype) -> dict:
+    torch.manual_seed(0)
+    vocab = 50280
+    mamba = MambaLM(MambaConfig(d_model=args.d_model, n_layers=2 * args.gpt_layers, vocab_size=vocab))
+    gpt = GPT(vocab, args.d_model, args.gpt_layers, heads=args.d_model // 64, max_len=args.prompt + args.new_tokens)
+    results = {"mamba": dict(params=count_parameters(mamba), points=[]),
+               "transformer": dict(params=count_parameters(gpt), points=[])}
+    use_graph = device.type == "cuda"
+    for name, model, decoder in (("mamba", mamba, mamba_decoder), ("transformer", gpt, gpt_decoder)):
+        model.to(device=device, dtype=dtype).eval()
+        for batch in tqdm(args.batches, desc=f"generation: {name}", leave=False):
+            prompt = torch.randint(0, vocab, (batch, args.prompt), device=device)
+            point = time_generation(*decoder(model, prompt), batch, args.new_tokens, device, use_graph)
+            results[name]["points"].append(dict(batch=batch, **point))
+            if point.get("oom"):
+                break
+        model.cpu()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Our kernel against the official one
+
+
+def kernel_table(device, anchors_path: Path) -> dict:
+    """Ours (fwd, fwd+bwd) and SDPA timed now, against the official kernel and SDPA in the anchors file."""
+    if not anchors_path.exists():
+        raise SystemExit(f"bench.py --kernel: no reference timings at {anchors_path} (see --anchors)")
+    rows = json.loads(anchors_path.read_text())["rows"]
+    official = {(r["batch"], r["seqlen"], r["d_state"]): r for r in rows if r["op"] == "official_cuda_selective_scan"}
+    sdpa_then = {(r["batch"], r["seqlen"]): r for r in rows if r["op"] == "torch_sdpa_causal"}
+    table = []
+    for batch, seqlen in tqdm([(8, 2048), (8, 8192), (8, 16384), (1, 131072)], desc="kernel", leave=False):
+        ours = measure(scan_maker("triton", batch, 1536, seqlen, 16, device, torch.bfloat16), device)
+        sdpa = measure(attention_maker(sdpa_attention, batch, seqlen, device, torch.bfloat16), device)
+        ref, ref_sdpa = official[(batch, seqlen, 16)], sdpa_then[(batch, seqlen)]
+        data_bytes = 2 * sum(x.numel() * x.element_size() for x in scan_inputs(batch, 1536, seqlen, 16, "meta").values()
+                             if isinstance(x, torch.Tensor)) + batch * 1536 * seqlen * 2   # inputs + grads + output
+        row = dict(batch=batch, d_inner=1536, seqlen=seqlen, d_state=16, ours_fwd_ms=ours["fwd_ms"],
+                   ours_fwd_bwd_ms=ours["fwd_bwd_ms"], sdpa_fwd_ms=sdpa["fwd_ms"], sdpa_fwd_bwd_ms=sdpa["fwd_bwd_ms"],
+                   official_fwd_ms=ref["fwd_ms"], official_fwd_bwd_ms=ref["fwd_plus_bwd_ms"],
+                   peak_over_inputs_outputs_grads=ours["peak_bytes"] / data_bytes)
+        for part, anchor_key in (("fwd", "fwd_ms"), ("fwd_bwd", "fwd_plus_bwd_ms")):
+            row[f"ratio_{part}"] = row[f"ours_{part}_ms"] / row[f"official_{part}_ms"]
+            row[f"ratio_{part}_sdpa_normalised"] = ((row[f"ours_{part}_ms"] / row[f"sdpa_{part}_ms"])
+                                                    / (ref[anchor_key] / ref_sdpa[anchor_key]))
+        table.append(row)
+    sweep = []
+    for d_state in (4, 8, 16, 32, 64):
+        ours = measure(scan_maker("triton", 8, 1536, 4096, d_state, device, torch.bfloat16), device)
+        sweep.append(dict(d_state=d_state, ours_fwd_ms=ours["fwd_ms"], ours_fwd_bwd_ms=ours["fwd_bwd_ms"],
+                          official_fwd_ms=official[(8, 4096, d_state)]["fwd_ms"]))
+    return dict(shapes=table, d_state_sweep=sweep)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def print_scaling(results: dict) -> None:
+    print("\nscaling (batch 1; ms, forward+backward; MiB peak)")
+    for name, r in results.items():
+        cells = []
+        for p in r["points"]:
+            cell = "OOM" if p.get("oom") else "-" if p.get("skipped") else f"{p['fwd_bwd_ms']:.3g}"
+            cells.append(f"{p['seqlen']}:{cell}")
+        slope = r["slope_fwd_bwd_ms"]
+        print(f"  {name:22s} slope {slope:.2f}  " if slope is not None else f"  {name:22s} slope  -    ", " ".join(cells))
+
+
+def print_generation(results: dict) -> None:
+    print("\ngeneration (tokens/s)")
+    for name, r in results.items():
+        cells = " ".join(f"b{p['batch']}:{'OOM' if p.get('oom') else format(p['tokens_per_s'], '.0f')}" for p in r["points"])
+        print(f"  {name:12s} {r['params'] / 1e6:.0f}M params  {cells}")
+
+
+def print_kernel(results: dict) -> None:
+    print("\nkernel: ours vs the official CUDA kernel (ms; ratio = ours/official; SDPA-normalised in brackets)")
+    print(f"  {'shape':18s} {'ours fwd':>9s} {'official':>9s} {'ratio':>13s} {'ours f+b':>9s} {'official':>9s} "
+          f"{'ratio':>13s} {'SDPA fwd/f+b now':>18s} {'peak/(in+out+grad)':>19s}")
+    for r in results["shapes"]:
+        print(f"  {r['batch']}x{r['d_inner']}x{r['seqlen']:<8d} {r['ours_fwd_ms']:9.3f} {r['official_fwd_ms']:9.3f} "
+              f"{r['ratio_fwd']:5.2f} ({r['ratio_fwd_sdpa_normalised']:4.2f}) {r['ours_fwd_bwd_ms']:9.3f} "
+              f"{r['official_fwd_bwd_ms']:9.3f} {r['ratio_fwd_bwd']:5.2f} ({r['ratio_fwd_bwd_sdpa_normalised']:4.2f}) "
+              f"{r['sdpa_fwd_ms']:8.3f}/{r['sdpa_fwd_bwd_ms']:<8.3f} {r['peak_over_inputs_outputs_grads']:19.2f}")
+    print("  d_state sweep at 8x1536x4096, forward ms (ours / official):",
+          ", ".join(f"{r['d_state']}: {r['ours_fwd_ms']:.3f}/{r['official_fwd_ms']:.3f}" for r in results["d_state_sweep"]))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    for ax, key, title in ((axes[0], "fwd_bwd_ms", "forward + backward time (ms)"),
+                           (axes[1], "peak_bytes", "peak memory, forward + backward (bytes)")):
+        for name, r in results["scaling"].items():
+            pts = [p for p in r["points"] if p.get(key)]
+            slope = r[f"slope_{key}"]
+            label = f"{name}  (slope {slope:.2f})" if slope is not None else name
+            line, = ax.loglog([p["seqlen"] for p in pts], [p[key] for p in pts], "o-", label=label, ms=3)
+            ooms = [p["seqlen"] for p in r["points"] if p.get("oom")]
+            if ooms:
+                ax.plot(ooms, [1.0] * len(ooms), "x", color=line.get_color(), ms=9, transform=ax.get_xaxis_transform())
+        ax.set_xlabel("sequence length (tokens, batch 1)")
+        ax.set_title(title + ("\n× at the top: out of memory" if key == "peak_bytes" else ""))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for name, r in results.get("generation", {}).items():
+        pts = [p for p in r["points"] if p.get("tokens_per_s")]
+        ax.loglog([p["batch"] for p in pts], [p["tokens_per_s"] for p in pts], "o-",
+                  label=f"{name} ({r['params'] / 1e6:.0f}M)", ms=3)
+    ax.set_xlabel("batch size")
+    ax.set_title("generation throughput (tokens/s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a CPU")
+    parser.add_argument("--kernel", action="store_true", help="only the comparison with the official CUDA kernel")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--anchors", type=Path, default=Path(__file__).resolve().parent / "anchors" /
+                        "h200_reference_timings.json", help="reference timings of the official kernel")
+    parser.add_argument("--max-seconds", type=float, default=2.0, help="stop a method after a point this slow")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py: --device cuda but no GPU is visible; use --device cpu (with --quick)")
+    device = torch.device(args.device)
+    sizes = (dict(d_inner=64, min_len=64, max_len=1024, ref_max_len=256, fit_from=64, d_model=64, gpt_layers=1,
+                  prompt=32, new_tokens=8, batches=[1, 2, 4]) if args.quick else
+             dict(d_inner=1536, min_len=256, max_len=2 ** 22, ref_max_len=2048, fit_from=8192, d_model=768,
+                  gpt_layers=12, prompt=2048, new_tokens=128, batches=[1, 2, 4, 8, 16, 32, 64, 128]))
+    for key, value in sizes.items():
+        setattr(args, key, value)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   torch=torch.__version__, dtype=str(dtype), sizes=sizes)
+    if args.kernel:
+        if device.type != "cuda":
+            raise SystemExit("bench.py --kernel: times the Triton kernel against the official CUDA kernel; needs a GPU")
+        results["kernel"] = kernel_table(device, args.anchors)
+        print_kernel(results["kernel"])
+        (args.out / "kernel.json").write_text(json.dumps(results, indent=1))
+        return
+    results["scaling"] = scaling(args, device, dtype)
+    print_scaling(results["scaling"])
+    results["generation"] = generation(args, device, dtype)
+    print_generation(results["generation"])
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "scaling.png")
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'scaling.png'}")
+
+
+if __name__ == "__main__":
+    main()

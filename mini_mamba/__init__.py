@@ -1,0 +1,1 @@
+"""mini-mamba: Mamba's selective scan, read top to bottom."""

@@ -1,0 +1,206 @@
+"""The Mamba block, the residual block around it, and a Mamba language model with O(1)-per-token decoding.
+
+Gu & Dao 2023, section 3.4 (Figure 3, "Mamba" block) and Algorithm 2; initialisation from section 3.6 and appendix;
+the language model as in section 4.2 (embedding, N residual Mamba blocks with RMSNorm, tied output head).
+
+Glossary (code -> paper):
+    b, l, d_model         batch, sequence length L, model width D
+    d_inner = expand·d_model   the block's inner width E·D (E = 2)
+    d_state               N, the SSM state size per channel (16)
+    dt_rank               R, the rank of the Δ projection (⌈D/16⌉)
+    in_proj               the two input projections of Figure 3, fused: x (SSM branch) and z (gate branch)
+    conv1d                the short causal depthwise convolution before the SSM (width d_conv = 4)
+    x_proj, dt_proj       s_B(x), s_C(x), s_Δ(x) of Algorithm 2: Δ = softplus(dt_proj(x_proj(x)) ) + selection of B, C
+    A_log, D              A = -exp(A_log) (kept negative: a decaying, stable state), and the skip D
+    conv_state, ssm_state what decoding carries between tokens: the last d_conv-1 conv inputs and h
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .scan import selective_scan
+
+
+@dataclass
+class MambaConfig:
+    d_model: int = 768
+    n_layers: int = 24
+    vocab_size: int = 50280
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    dt_rank: int = 0              # 0: ⌈d_model / 16⌉ as in the paper
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    scan_impl: str = "auto"       # which selective_scan implementation the blocks use (see scan.py)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank or math.ceil(self.d_model / 16)
+
+
+class MambaBlock(nn.Module):
+    """in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> dt_proj -> selective scan gated by z -> out_proj."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = c = config
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(c.d_inner, c.d_inner, c.d_conv, groups=c.d_inner, padding=c.d_conv - 1)
+        self.x_proj = nn.Linear(c.d_inner, c.rank + 2 * c.d_state, bias=False)
+        self.dt_proj = nn.Linear(c.rank, c.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(c.d_inner, c.d_state))
+        self.D = nn.Parameter(torch.empty(c.d_inner))
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """The paper's initialisation (section 3.6): A = -(1, 2, ..., N) per channel (S4D-Real), D = 1,
+        Δ's bias = softplus⁻¹(Δ₀) with Δ₀ log-uniform in [dt_min, dt_max], dt_proj's weights ~ U(±dt_rank^-0.5)."""
+        c = self.config
+        self.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).repeat(c.d_inner, 1))
+        self.D.fill_(1.0)
+        nn.init.uniform_(self.dt_proj.weight, -c.rank ** -0.5, c.rank ** -0.5)
+        dt = torch.exp(torch.rand(c.d_inner) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))         # softplus⁻¹(dt)
+
+    def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The selection mechanism (Algorithm 2, lines 2-4): Δ (before softplus and bias), B and C from x.
+        x: (b, d_inner, l) -> delta (b, d_inner, l), B (b, d_state, l), C (b, d_state, l)."""
+        c = self.config
+        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                 # (b, l, rank + 2·d_state)
+        dt, B, C = torch.split(x_dbl, [c.rank, c.d_state, c.d_state], dim=-1)
+        delta = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")  # bias goes in the scan (fused softplus)
+        return delta, rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l")
+
+    def scan(self, x, z, ssm_state=None, return_last_state=False):
+        """The selective scan of x (b, d_inner, l), gated by silu(z), from ssm_state (b, d_inner, d_state)."""
+        delta, B, C = self.ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())                                   # (d_inner, d_state)
+        impl = self.config.scan_impl if x.shape[-1] > 1 else "ref"           # one step: no kernel launch needed
+        return selective_scan(x, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True, initial_state=ssm_state, return_last_state=return_last_state,
+                              impl=impl)
+
+    def forward(self, hidden: torch.Tensor, return_state: bool = False):
+        """hidden: (b, l, d_model) -> (b, l, d_model); with return_state also (conv_state, ssm_state) after the
+        last token, to continue with step()."""
+        seqlen = hidden.shape[1]
+        x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)   # (b, d_inner, l) each
+        x_conv = F.silu(self.conv1d(x)[..., :seqlen])                       # causal: drop the right padding
+        if not return_state:
+            return self.out_proj(rearrange(self.scan(x_conv, z), "b d l -> b l d"))
+        y, ssm_state = self.scan(x_conv, z, return_last_state=True)
+        conv_state = F.pad(x, (self.config.d_conv - 1, 0))[..., -(self.config.d_conv - 1):]  # last d_conv-1 inputs
+        return self.out_proj(rearrange(y, "b d l -> b l d")), (conv_state, ssm_state)
+
+    def empty_state(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        return (torch.zeros(batch, c.d_inner, c.d_conv - 1, device=device, dtype=dtype),
+                torch.zeros(batch, c.d_inner, c.d_state, device=device, dtype=torch.float32))
+
+    def step(self, hidden: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """One token: hidden (b, d_model) and the carried (conv_state, ssm_state) -> (b, d_model), new state.
+        Constant time and memory per token — the recurrent mode of section 3.3."""
+        conv_state, ssm_state = state
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                         # (b, d_inner) each
+        window = torch.cat([conv_state, x[..., None]], dim=-1)              # (b, d_inner, d_conv)
+        x_conv = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
+        y, ssm_state = self.scan(F.silu(x_conv)[..., None], z[..., None], ssm_state, return_last_state=True)
+        return self.out_proj(y[..., 0]), (window[..., 1:], ssm_state)
+
+
+class ResidualBlock(nn.Module):
+    """x + Mamba(RMSNorm(x)): the pre-norm residual block of the language model."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.mixer = MambaBlock(config)
+
+    def forward(self, x: torch.Tensor, return_state: bool = False):
+        if not return_state:
+            return x + self.mixer(self.norm(x))
+        y, state = self.mixer(self.norm(x), return_state=True)
+        return x + y, state
+
+    def step(self, x: torch.Tensor, state):
+        y, state = self.mixer.step(self.norm(x), state)
+        return x + y, state
+
+
+class MambaLM(nn.Module):
+    """Embedding -> n_layers residual Mamba blocks -> RMSNorm -> output head tied to the embedding."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layers))
+        self.norm_f = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embedding.weight                         # tied
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        with torch.no_grad():                                                # GPT-2's rescaling of residual outputs
+            for layer in self.layers:
+                layer.mixer.out_proj.weight /= math.sqrt(config.n_layers)
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                return_state: bool = False):
+        """Token ids (b, l) — or embeddings (b, l, d_model), as LLaVA passes them — -> logits (b, l, vocab);
+        with return_state also the per-layer states after the last token (to continue with step())."""
+        x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        states = []
+        for layer in self.layers:
+            if return_state:
+                x, state = layer(x, return_state=True)
+                states.append(state)
+            else:
+                x = layer(x)
+        logits = self.lm_head(self.norm_f(x))
+        return (logits, states) if return_state else logits
+
+    def empty_state(self, batch: int, device=None, dtype=None) -> list:
+        return [layer.mixer.empty_state(batch, device, dtype) for layer in self.layers]
+
+    def step(self, token: torch.Tensor, states: list):
+        """One token per sequence, token (b,) -> logits (b, vocab) and the new states: O(1) time and memory."""
+        x = self.embedding(token)
+        new_states = []
+        for layer, state in zip(self.layers, states):
+            x, state = layer.step(x, state)
+            new_states.append(state)
+        return self.lm_head(self.norm_f(x)), new_states
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 inputs_embeds: torch.Tensor | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding: the prompt (ids (b, l) or embeddings (b, l, d_model)) in one parallel pass, then one
+        recurrent step per new token. Returns the new tokens (b, ≤ max_new_tokens); after eos, eos repeats."""
+        logits, states = self(input_ids, inputs_embeds, return_state=True)
+        token = logits[:, -1].argmax(-1)                                     # (b,)
+        out = [token]
+        finished = token == eos_token_id if eos_token_id is not None else None
+        for _ in range(max_new_tokens - 1):
+            if finished is not None and bool(finished.all()):
+                break
+            logits, states = self.step(token, states)
+            token = logits.argmax(-1)
+            if finished is not None:
+                token = torch.where(finished, eos_token_id, token)
+                finished |= token == eos_token_id
+            out.append(token)
+        return torch.stack(out, dim=1)

@@ -1,0 +1,30 @@
+"""bench.py --quick writes its results and figure, and the JSON holds every method and model it names."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_writes_results_and_figure(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    assert set(results["scaling"]) == {"scan (parallel)", "scan (reference loop)", "attention (naive)",
+                                       "attention (SDPA)"}
+    for method in results["scaling"].values():
+        assert all(p["fwd_bwd_ms"] > 0 for p in method["points"] if "fwd_bwd_ms" in p)
+        assert method["slope_fwd_bwd_ms"] is not None
+    for model in ("mamba", "transformer"):
+        assert [p["batch"] for p in results["generation"][model]["points"]] == [1, 2, 4]
+        assert all(p["tokens_per_s"] > 0 for p in results["generation"][model]["points"])
+    assert "generation (tokens/s)" in done.stdout
+
+
+def test_kernel_section_needs_a_gpu(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--kernel", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "needs a GPU" in done.stderr and "Traceback" not in done.stderr
