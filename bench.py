@@ -54,15 +54,19 @@ def time_ms(fn, device: torch.device) -> float:
     return float(np.median(runs))
 
 
+def peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def guarded(run, device: torch.device) -> dict:
-    """run() -> a dict of measurements, with the peak GPU memory added (None on a CPU); {"oom": True} instead when it
-    runs out of memory."""
+    """run() -> a dict of measurements, with the peak GPU memory since the start added unless run() read it itself
+    (None on a CPU); {"oom": True} instead when it runs out of memory."""
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         result = run()
-        return dict(result, peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+        return {"peak_bytes": peak_memory(device), **result}
     except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
         if not is_oom(error) and not isinstance(error, MemoryError):
             raise
@@ -77,7 +81,9 @@ def measure(make, device: torch.device) -> dict:
     memory (bytes) of forward+backward, or {"oom": True}."""
     def run():
         forward, forward_backward = make()
-        return dict(fwd_ms=time_ms(forward, device), fwd_bwd_ms=time_ms(forward_backward, device))
+        forward_backward()
+        peak = peak_memory(device)                  # before timing: do_bench allocates a buffer to flush the L2
+        return dict(fwd_ms=time_ms(forward, device), fwd_bwd_ms=time_ms(forward_backward, device), peak_bytes=peak)
     return guarded(run, device)
 
 
