@@ -273,8 +273,7 @@ def time_generation(prefill, step, batch: int, new_tokens: int, device, use_grap
 
 def mamba_decoder(lm: MambaLM, prompt: torch.Tensor):
     """(prefill, step) for time_generation: one parallel pass over the prompt, then the recurrent step."""
-    states = lm.empty_state(prompt.shape[0], prompt.device, prompt.dtype if prompt.is_floating_point() else None)
-    states = [(conv.to(lm.embedding.weight.dtype), ssm) for conv, ssm in states]
+    states = lm.empty_state(prompt.shape[0], prompt.device, lm.embedding.weight.dtype)
 
     def keep(new_states):                                           # into the same buffers: the graph reads them
         for (conv, ssm), (new_conv, new_ssm) in zip(states, new_states):

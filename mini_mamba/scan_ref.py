@@ -61,7 +61,8 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                        D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
                        initial_state: torch.Tensor | None = None, return_last_state: bool = False):
-    """The selective scan as a sequential loop over time (Algorithm 2). Returns y (u's dtype), and h_L (fp32) when asked."""
+    """The selective scan as a sequential loop over time (Algorithm 2). Returns y (u's dtype), and h_L (fp32; fp64 for
+    fp64 inputs) when asked."""
     out_dtype = u.dtype
     u, delta = discretize(u, delta, delta_bias, delta_softplus)
     batch, d_inner, seqlen = u.shape
@@ -70,10 +71,10 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     h = u.new_zeros(batch, d_inner, A.shape[1]) if initial_state is None else initial_state.to(u.dtype)
     ys = []
     for t in range(seqlen):
+        B_t, C_t = (M[:, :, min(t, M.shape[2] - 1)] for M in (B, C))             # time-invariant: one "step" for all
         A_bar = torch.exp(delta[:, :, t, None] * A)                               # (batch, d_inner, d_state)
-        Bu = delta[:, :, t, None] * B[:, :, min(t, B.shape[2] - 1)] * u[:, :, t, None]
-        h = A_bar * h + Bu                                                         # h_t = Ā_t h_{t-1} + B̄_t u_t
-        ys.append((h * C[:, :, min(t, C.shape[2] - 1)]).sum(-1))                  # y_t = C_t · h_t, (batch, d_inner)
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, d_inner, 0)          # (batch, d_inner, seqlen)
+        h = A_bar * h + delta[:, :, t, None] * B_t * u[:, :, t, None]             # h_t = Ā_t h_{t-1} + B̄_t u_t
+        ys.append((h * C_t).sum(-1))                                               # y_t = C_t · h_t, (batch, d_inner)
+    y = torch.stack(ys, dim=-1)                                                    # (batch, d_inner, seqlen)
     out = finish(y, u, D, z, out_dtype)
     return (out, h) if return_last_state else out
