@@ -59,14 +59,13 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 def guarded(run, device: torch.device) -> dict:
-    """run() -> a dict of measurements, with the peak GPU memory since the start added unless run() read it itself
-    (None on a CPU); {"oom": True} instead when it runs out of memory."""
+    """run() -> a dict of measurements, run with the GPU's peak-memory counter reset; {"oom": True} instead when it
+    runs out of memory."""
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        result = run()
-        return {"peak_bytes": peak_memory(device), **result}
+        return run()
     except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as error:
         if not is_oom(error) and not isinstance(error, MemoryError):
             raise
@@ -267,7 +266,8 @@ def time_generation(prefill, step, batch: int, new_tokens: int, device, use_grap
             advance()
         synchronize(device)
         seconds = time.perf_counter() - start
-        return dict(tokens_per_s=batch * new_tokens / seconds, seconds=seconds, prefill_s=prefill_s)
+        return dict(tokens_per_s=batch * new_tokens / seconds, seconds=seconds, prefill_s=prefill_s,
+                    peak_bytes=peak_memory(device))
     return guarded(run, device)
 
 
