@@ -10,6 +10,7 @@ Glossary (code -> paper):
     dt_rank               R, the rank of the Δ projection (⌈D/16⌉)
     in_proj               the two input projections of Figure 3, fused: x (SSM branch) and z (gate branch)
     conv1d                the short causal depthwise convolution before the SSM (width d_conv = 4)
+    ssm                   SelectiveSSM: x_proj, dt_proj, A_log, D around the scan
     x_proj, dt_proj       s_B(x), s_C(x), s_Δ(x) of Algorithm 2: Δ = softplus(dt_proj(x_proj(x)) ) + selection of B, C
     A_log, D              A = -exp(A_log) (kept negative: a decaying, stable state), and the skip D
     conv_state, ssm_state what decoding carries between tokens: the last d_conv-1 conv inputs and h
@@ -25,6 +26,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .scan import selective_scan
+
+# torch.compile fuses the small ops around the scan; the scan itself is already one fused kernel (and its input
+# checks are Python), so compiled models call it as it is
+scan_uncompiled = torch.compiler.disable(selective_scan)
 
 
 @dataclass
@@ -50,50 +55,63 @@ class MambaConfig:
         return self.dt_rank or math.ceil(self.d_model / 16)
 
 
+class SelectiveSSM(nn.Module):
+    """The selective SSM of Algorithm 2 around selective_scan: x_proj and dt_proj select Δ, B, C from the input,
+    A = -exp(A_log) and D are learned per channel. Shared by the Mamba block below and MambaVision's mixer."""
+
+    def __init__(self, d_inner: int, d_state: int, dt_rank: int, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, scan_impl: str = "auto"):
+        super().__init__()
+        self.d_state, self.dt_rank, self.scan_impl = d_state, dt_rank, scan_impl
+        self.dt_range = (dt_min, dt_max, dt_init_floor)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's initialisation (section 3.6): A = -(1, 2, ..., N) per channel (S4D-Real), D = 1,
+        Δ's bias = softplus⁻¹(Δ₀) with Δ₀ log-uniform in [dt_min, dt_max], dt_proj's weights ~ U(±dt_rank^-0.5)."""
+        d_inner = self.D.shape[0]
+        dt_min, dt_max, dt_init_floor = self.dt_range
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D.fill_(1.0)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))         # softplus⁻¹(dt)
+
+    def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The selection mechanism (Algorithm 2, lines 2-4): Δ (before softplus and bias), B and C from x.
+        x: (b, d_inner, l) -> delta (b, d_inner, l), B (b, d_state, l), C (b, d_state, l)."""
+        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                 # (b, l, rank + 2·d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")  # bias goes in the scan (fused softplus)
+        return delta, rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l")
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None,
+                return_last_state: bool = False):
+        """The selective scan of x (b, d_inner, l), gated by silu(z) when given, from ssm_state (b, d_inner, d_state)."""
+        delta, B, C = self.ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())                                   # (d_inner, d_state)
+        impl = self.scan_impl if x.shape[-1] > 1 else "ref"                  # one step: no kernel launch needed
+        return scan_uncompiled(x, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True, initial_state=ssm_state, return_last_state=return_last_state,
+                              impl=impl)
+
+
 class MambaBlock(nn.Module):
-    """in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> dt_proj -> selective scan gated by z -> out_proj."""
+    """in_proj -> causal depthwise conv1d -> SiLU -> selective SSM gated by z -> out_proj."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.config = c = config
         self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=False)
         self.conv1d = nn.Conv1d(c.d_inner, c.d_inner, c.d_conv, groups=c.d_inner, padding=c.d_conv - 1)
-        self.x_proj = nn.Linear(c.d_inner, c.rank + 2 * c.d_state, bias=False)
-        self.dt_proj = nn.Linear(c.rank, c.d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(c.d_inner, c.d_state))
-        self.D = nn.Parameter(torch.empty(c.d_inner))
+        self.ssm = SelectiveSSM(c.d_inner, c.d_state, c.rank, c.dt_min, c.dt_max, c.dt_init_floor, c.scan_impl)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
-        self.reset_ssm_parameters()
-
-    @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """The paper's initialisation (section 3.6): A = -(1, 2, ..., N) per channel (S4D-Real), D = 1,
-        Δ's bias = softplus⁻¹(Δ₀) with Δ₀ log-uniform in [dt_min, dt_max], dt_proj's weights ~ U(±dt_rank^-0.5)."""
-        c = self.config
-        self.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).repeat(c.d_inner, 1))
-        self.D.fill_(1.0)
-        nn.init.uniform_(self.dt_proj.weight, -c.rank ** -0.5, c.rank ** -0.5)
-        dt = torch.exp(torch.rand(c.d_inner) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))         # softplus⁻¹(dt)
-
-    def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The selection mechanism (Algorithm 2, lines 2-4): Δ (before softplus and bias), B and C from x.
-        x: (b, d_inner, l) -> delta (b, d_inner, l), B (b, d_state, l), C (b, d_state, l)."""
-        c = self.config
-        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                 # (b, l, rank + 2·d_state)
-        dt, B, C = torch.split(x_dbl, [c.rank, c.d_state, c.d_state], dim=-1)
-        delta = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")  # bias goes in the scan (fused softplus)
-        return delta, rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l")
-
-    def scan(self, x, z, ssm_state=None, return_last_state=False):
-        """The selective scan of x (b, d_inner, l), gated by silu(z), from ssm_state (b, d_inner, d_state)."""
-        delta, B, C = self.ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())                                   # (d_inner, d_state)
-        impl = self.config.scan_impl if x.shape[-1] > 1 else "ref"           # one step: no kernel launch needed
-        return selective_scan(x, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
-                              delta_softplus=True, initial_state=ssm_state, return_last_state=return_last_state,
-                              impl=impl)
 
     def forward(self, hidden: torch.Tensor, return_state: bool = False):
         """hidden: (b, l, d_model) -> (b, l, d_model); with return_state also (conv_state, ssm_state) after the
@@ -102,8 +120,8 @@ class MambaBlock(nn.Module):
         x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)   # (b, d_inner, l) each
         x_conv = F.silu(self.conv1d(x)[..., :seqlen])                       # causal: drop the right padding
         if not return_state:
-            return self.out_proj(rearrange(self.scan(x_conv, z), "b d l -> b l d"))
-        y, ssm_state = self.scan(x_conv, z, return_last_state=True)
+            return self.out_proj(rearrange(self.ssm(x_conv, z), "b d l -> b l d"))
+        y, ssm_state = self.ssm(x_conv, z, return_last_state=True)
         conv_state = F.pad(x, (self.config.d_conv - 1, 0))[..., -(self.config.d_conv - 1):]  # last d_conv-1 inputs
         return self.out_proj(rearrange(y, "b d l -> b l d")), (conv_state, ssm_state)
 
@@ -119,7 +137,7 @@ class MambaBlock(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                         # (b, d_inner) each
         window = torch.cat([conv_state, x[..., None]], dim=-1)              # (b, d_inner, d_conv)
         x_conv = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
-        y, ssm_state = self.scan(F.silu(x_conv)[..., None], z[..., None], ssm_state, return_last_state=True)
+        y, ssm_state = self.ssm(F.silu(x_conv)[..., None], z[..., None], ssm_state, return_last_state=True)
         return self.out_proj(y[..., 0]), (window[..., 1:], ssm_state)
 
 

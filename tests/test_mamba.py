@@ -29,12 +29,12 @@ def test_block_keeps_shape_and_trains():
 def test_initialisation_follows_the_paper():
     config = tiny(d_model=64)
     block = MambaBlock(config)
-    assert torch.equal(-torch.exp(block.A_log), -torch.arange(1.0, 5.0).repeat(128, 1))       # S4D-Real
-    assert torch.equal(block.D, torch.ones(128))
-    dt = F.softplus(block.dt_proj.bias)
+    assert torch.equal(-torch.exp(block.ssm.A_log), -torch.arange(1.0, 5.0).repeat(128, 1))       # S4D-Real
+    assert torch.equal(block.ssm.D, torch.ones(128))
+    dt = F.softplus(block.ssm.dt_proj.bias)
     assert (dt >= config.dt_min * 0.999).all() and (dt <= config.dt_max * 1.001).all()
     bound = config.rank ** -0.5
-    assert block.dt_proj.weight.abs().max() <= bound and config.rank == math.ceil(64 / 16)
+    assert block.ssm.dt_proj.weight.abs().max() <= bound and config.rank == math.ceil(64 / 16)
 
 
 def test_lm_ties_the_head_to_the_embedding():

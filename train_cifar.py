@@ -1,0 +1,251 @@
+"""Train MambaVision (mini_mamba/vision.py) on CIFAR-100 — or CIFAR-10, Fashion-MNIST, synthetic — on one GPU, or on
+several with `torchrun --nproc_per_node=K train_cifar.py ...` (DistributedDataParallel, one process per GPU).
+
+    python train_cifar.py                                  # CIFAR-100, downloaded into ./data on first use
+    python train_cifar.py --dataset fashion-mnist --epochs 60
+    python train_cifar.py --resume                          # continue the run in --out exactly where it stopped
+
+The recipe (defaults, no flags needed): AdamW (lr 2e-3 at batch 512, weight decay 0.05 except on norms, biases,
+A_log, D and layer scales), linear warmup then cosine decay, label smoothing 0.1, gradient clipping at 1.0, bf16
+autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip + random erasing
+computed on the GPU. The whole dataset is a GPU tensor.
+
+Writes OUT/checkpoint.pt (each epoch and on Ctrl-C), OUT/model.pt (the EMA weights and config) and OUT/metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mini_mamba import data
+from mini_mamba.training import (EMA, StopRequest, agree, fail, param_groups, save_atomic, setup, warmup_cosine)
+from mini_mamba.vision import SIZES, build_model
+
+CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="cifar100", choices=data.DATASETS)
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset's archive or files")
+    p.add_argument("--model", default="small", choices=tuple(SIZES))
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=512, help="batch per process (K GPUs: K × this per step)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 · √(global batch / 512))")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=3)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0 disables the EMA)")
+    p.add_argument("--erase-p", type=float, default=0.5, help="probability of random erasing per image")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step's model (default: on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    p.add_argument("--out", default="runs/cifar")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1:
+        p.error("--epochs and --batch-size must be at least 1")
+    return args
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, mean, std, batch_size, rank, world, autocast) -> float:
+    """Top-1 accuracy on (images, labels), each rank a share of the examples, summed across ranks."""
+    model.eval()
+    correct = torch.zeros(2, device=images.device)                       # (correct, seen)
+    for idx in data.eval_batches(len(images), batch_size, rank, world):
+        with autocast:
+            logits = model(data.normalize(images[idx], mean, std).contiguous(memory_format=torch.channels_last))
+        correct += torch.stack([(logits.argmax(-1) == labels[idx]).sum().float(), correct.new_tensor(len(idx))])
+    if world > 1:
+        dist.all_reduce(correct)
+    return (correct[0] / correct[1]).item()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    checkpoint_path = out / "checkpoint.pt"
+    resumed = None
+    if args.resume:
+        if not checkpoint_path.is_file():
+            fail(f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
+        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        given = {k: getattr(args, k) for k in ("device", "data_dir", "compile") if getattr(args, k) is not None}
+        args = argparse.Namespace(**{**resumed["args"], **given, "out": args.out, "resume": True})
+    device, rank, world = setup(args.device)
+    torch.backends.cudnn.benchmark = True                                # fixed shapes: let cuDNN pick its kernels
+    main_process = rank == 0
+    log = print if main_process else (lambda *a, **k: None)
+
+    try:
+        dataset = data.load_dataset(args.dataset, args.data_dir).limit(args.limit)
+    except data.DataError as error:
+        fail(str(error))
+    mean, std = (t.to(device) for t in data.channel_stats(dataset.train_images))
+    dataset = dataset.to(device)
+    channels, size, _ = dataset.image_shape
+    n_train = len(dataset.train_images)
+    global_batch = args.batch_size * world
+    if n_train < global_batch:
+        fail(f"the batch ({global_batch} images per step) is larger than the training set ({n_train} examples)")
+
+    torch.manual_seed(args.seed)                                         # the same initial weights on every rank
+    model = build_model(args.model, channels, len(dataset.classes)).to(device, memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    lr = args.lr or 2e-3 * math.sqrt(global_batch / 512)             # square-root scaling for Adam
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
+    steps_per_epoch = n_train // global_batch
+    total_steps = args.epochs * steps_per_epoch
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    state = dict(epoch=0, step_in_epoch=0, step=0, train_time_s=0.0, images=0, history=[])
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        if ema is not None:
+            ema.model.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        state = resumed["state"]
+        log(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+    train_model = DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
+    if args.compile if args.compile is not None else device.type == "cuda":
+        train_model = torch.compile(train_model)     # fuses the small ops: the eager step is bound by kernel launches
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    eval_model = ema.model if ema is not None else model
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"MambaVision-{args.model} ({params / 1e6:.2f}M parameters) on {args.dataset} "
+        f"({n_train} train / {len(dataset.test_images)} test, {channels}×{size}×{size}), {world} × {device.type}, "
+        f"batch {global_batch}, {args.epochs} epochs, lr {lr:g}")
+
+    def save_checkpoint():
+        if main_process:
+            save_atomic(dict(model=model.state_dict(), ema=ema.model.state_dict() if ema else None,
+                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), state=state,
+                             args=vars(args)), checkpoint_path)
+
+    augment_rng = torch.Generator(device=device)
+
+    def seed_step(seed: int) -> None:
+        """Each step's randomness from its number alone, so a resumed run draws exactly what the first would have."""
+        augment_rng.manual_seed(seed)
+        torch.manual_seed(seed)
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One AdamW step on a batch; returns the loss and the number of correct predictions (GPU scalars)."""
+        with autocast:
+            logits = train_model(images.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        if ema is not None:
+            ema.update(model, state["step"])
+        return loss.detach(), (logits.argmax(-1) == labels).sum()
+
+    def write_metrics(**final) -> dict:
+        """OUT/metrics.json after every epoch ("complete": false until the last), so an interrupted run keeps its
+        record; test_acc is the EMA model's (the one saved), test_acc_raw the live weights' at the end."""
+        history = state["history"]
+        timed = history[1:] or history                                   # the first epoch includes warm-up
+        metrics = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, complete=bool(final),
+                       test_acc=history[-1]["test_acc"], **final, params=params,
+                       train_time_s=state["train_time_s"],
+                       images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
+                       batch_size=global_batch, lr=lr, erase_p=args.erase_p,
+                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                       history=history)
+        if main_process:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    with StopRequest() as stop:
+        while state["epoch"] < args.epochs:
+            epoch = state["epoch"]
+            order = torch.Generator().manual_seed(args.seed * 10007 + epoch)        # the same on every rank
+            batches = data.train_batches(n_train, global_batch, order, rank, world)
+            train_model.train()
+            sums = torch.zeros(3, device=device)                 # (loss · n, correct, n) since the epoch began
+            bar = tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=not main_process, dynamic_ncols=True)
+            started, images_before = time.perf_counter(), state["images"]
+            for i in range(state["step_in_epoch"], len(batches)):
+                idx = batches[i].to(device)
+                seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
+                images = data.augment(dataset.train_images[idx], mean, std, augment_rng, erase_p=args.erase_p)
+                labels = dataset.train_labels[idx]
+                loss, correct = train_step(images, labels)
+                sums += torch.stack([loss * len(idx), correct, sums.new_tensor(len(idx))])
+                state["images"] += global_batch
+                bar.update(1)
+                at_check = (i + 1) % CHECK_EVERY == 0 or i + 1 == len(batches)
+                if not at_check and not (world == 1 and stop.requested):   # one process: stop at the next step
+                    continue
+                nonfinite, stopping = agree(torch.tensor([float(not math.isfinite(loss.item())),
+                                                          float(stop.requested)], device=device), world)
+                bar.set_postfix(loss=f"{(sums[0] / sums[2]).item():.3f}", acc=f"{(sums[1] / sums[2]).item():.3f}",
+                                img_s=f"{(state['images'] - images_before) / (time.perf_counter() - started):,.0f}")
+                if nonfinite:
+                    bar.close()
+                    fail(f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: training stopped. The "
+                         f"last good checkpoint, {checkpoint_path} (from the end of epoch {epoch}), is kept; lower "
+                         "--lr or --clip and start again, or --resume from it", code=1)
+                if stopping and i + 1 < len(batches):
+                    bar.close()
+                    state["step_in_epoch"] = i + 1
+                    state["train_time_s"] += time.perf_counter() - started
+                    save_checkpoint()
+                    log(f"interrupted: saved {checkpoint_path} at epoch {epoch + 1}, step {i + 1}; "
+                        f"continue with --resume --out {out}")
+                    raise SystemExit(130)
+            bar.close()
+            train_seconds = time.perf_counter() - started
+            test_acc = evaluate(eval_model, dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world,
+                                autocast)
+            state["train_time_s"] += time.perf_counter() - started
+            if world > 1:
+                dist.all_reduce(sums)
+            state["history"].append(dict(epoch=epoch + 1, train_loss=(sums[0] / sums[2]).item(),
+                                         train_acc=(sums[1] / sums[2]).item(), test_acc=test_acc,
+                                         images_per_s=(state["images"] - images_before) / train_seconds))
+            log(f"epoch {epoch + 1}: test accuracy {test_acc:.4f} ({state['train_time_s']:.0f} s so far)")
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            save_checkpoint()
+            write_metrics()
+            if stop.requested and state["epoch"] < args.epochs:
+                log(f"interrupted after epoch {epoch + 1}; continue with --resume --out {out}")
+                raise SystemExit(130)
+
+    test_acc_raw = evaluate(model, dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world, autocast)
+    metrics = write_metrics(test_acc_raw=test_acc_raw)
+    if main_process:
+        torch.save(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
+                        classes=dataset.classes, mean=mean.cpu(), std=std.cpu()), out / "model.pt")
+        log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}) after "
+            f"{args.epochs} epochs, {metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
+            f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
