@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--erase-p", type=float, default=0.5, help="probability of random erasing per image")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step's model (default: on CUDA)")
+                   help="torch.compile the model for training (fewer kernel launches; not yet measured, so off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
         state = resumed["state"]
         log(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     train_model = DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
-    if args.compile if args.compile is not None else device.type == "cuda":
+    if args.compile:
         train_model = torch.compile(train_model)     # fuses the small ops: the eager step is bound by kernel launches
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     eval_model = ema.model if ema is not None else model
