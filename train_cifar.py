@@ -238,7 +238,8 @@ def main(argv=None) -> dict:
     metrics = write_metrics(test_acc_raw=test_acc_raw)
     if main_process:
         torch.save(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
-                        classes=dataset.classes, mean=mean.cpu(), std=std.cpu()), out / "model.pt")
+                        dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"], mean=mean.cpu(),
+                        std=std.cpu()), out / "model.pt")
         log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}) after "
             f"{args.epochs} epochs, {metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
             f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")

@@ -306,4 +306,5 @@ def train_batches(n: int, batch_size: int, generator: torch.Generator, rank: int
 
 def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, ...]:
     """Every world-th index from rank, in batches: the ranks together see each example exactly once."""
-    return torch.arange(rank, n, world).split(batch_size)
+    mine = torch.arange(n)[rank::world]
+    return mine.split(batch_size) if len(mine) else ()

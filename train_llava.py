@@ -1,0 +1,230 @@
+"""Build and train the tiny LLaVA (mini_mamba/llava.py) on top of a MambaVision trained by train_cifar.py, then
+evaluate it on the test split.
+
+    python train_cifar.py --dataset fashion-mnist --out runs/cifar      # the vision encoder first
+    python train_llava.py --vision-ckpt runs/cifar/model.pt             # three stages + evaluation -> runs/llava
+
+Stages (LLaVA section 4.2, with a stage 0 of our own because our language model starts from scratch):
+
+    stage   data                                   vision    projector   language model
+    0       the seen templates as text, no image   frozen    —           trained
+    1       captions "a photo of a <class> ."      frozen    trained     frozen
+    2       all question types (seen paraphrases)  frozen    trained     trained
+
+The vision encoder is frozen, so its features are computed once for every image and reused by all stages. Evaluation
+asks every test image each question type, with seen and held-out paraphrases, and repeats the questions with the image
+features zeroed and shuffled across images (the blind baselines). Writes OUT/metrics.json and OUT/stage{0,1,2}.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mini_mamba import data
+from mini_mamba.instruct import Labels, Tokenizer, TEMPLATES
+from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
+from mini_mamba.mamba import MambaConfig, MambaLM
+from mini_mamba.training import StopRequest, fail, param_groups, save_atomic, setup, warmup_cosine
+from mini_mamba.vision import MambaVision, VisionConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vision-ckpt", default="runs/cifar/model.pt", help="model.pt written by train_cifar.py")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the vision model's dataset")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--d-model", type=int, default=256, help="the language model's width")
+    p.add_argument("--layers", type=int, default=4, help="the language model's Mamba blocks")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--stage0-steps", type=int, default=500)
+    p.add_argument("--stage1-epochs", type=float, default=1.0)
+    p.add_argument("--stage2-epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    p.add_argument("--out", default="runs/llava")
+    return p.parse_args(argv)
+
+
+def load_vision(path: Path, device: torch.device) -> dict:
+    if not path.is_file():
+        fail(f"no vision checkpoint at {path}: train one first, e.g. `python train_cifar.py --dataset fashion-mnist "
+             f"--out {path.parent}`, or pass --vision-ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    vision = MambaVision(VisionConfig(**saved["config"]))
+    vision.load_state_dict(saved["model"])
+    return dict(saved, model=vision.to(device))
+
+
+@torch.no_grad()
+def image_features(model: TinyLLaVA, images: torch.Tensor, mean, std, autocast, batch_size: int = 1024):
+    """The frozen encoder's features (n, h·w, d_vision) for uint8 images (n, c, H, W), in batches."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        with autocast:
+            out.append(model.encode_images(data.normalize(images[start:start + batch_size], mean, std)).float())
+    return torch.cat(out)
+
+
+def run_stage(model: TinyLLaVA, trainable: list[torch.nn.Module], steps: int, make_batch, lr: float, autocast,
+              title: str = "", stop: StopRequest | None = None) -> float:
+    """Train only the `trainable` modules for `steps` AdamW steps (warmup + cosine) on make_batch(step) ->
+    (input_ids, labels, image features or None); everything else stays frozen. Returns the last loss."""
+    model.requires_grad_(False)
+    for module in trainable:
+        module.requires_grad_(True)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, steps // 20))
+    model.train()
+    device = next(model.parameters()).device
+    bar = tqdm(range(steps), desc=title, dynamic_ncols=True)
+    for step in bar:
+        input_ids, labels, features = make_batch(step)
+        with autocast:
+            loss = model(input_ids.to(device), features, labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if stop is not None and stop.requested:
+            break
+    bar.close()
+    return loss.item()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device, _, _ = setup(args.device)
+    out = Path(args.out)
+    vision = load_vision(Path(args.vision_ckpt), device)
+    name = args.dataset or vision["dataset"]
+    try:
+        dataset = data.load_dataset(name, args.data_dir).limit(args.limit).to(device)
+    except data.DataError as error:
+        fail(str(error))
+    if dataset.classes != vision["classes"]:
+        fail(f"the vision checkpoint was trained on other classes than {name}'s; pass the matching --dataset")
+    coarse_of = None
+    if dataset.train_coarse is not None:                     # each class's superclass, read off the training labels
+        pairs = dict(zip(dataset.train_labels.tolist(), dataset.train_coarse.tolist()))
+        coarse_of = [pairs.get(c, 0) for c in range(len(dataset.classes))]
+    labels = Labels(dataset.classes, dataset.coarse_classes, coarse_of)
+    tokenizer = Tokenizer(labels.words())
+    torch.manual_seed(args.seed)
+    lm = MambaLM(MambaConfig(d_model=args.d_model, n_layers=args.layers, vocab_size=len(tokenizer)))
+    model = TinyLLaVA(vision["model"], lm, tokenizer.image_id).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    mean, std = vision["mean"].to(device), vision["std"].to(device)
+    train_features = image_features(model, dataset.train_images, mean, std, autocast)   # (n, h·w, d_vision)
+    test_features = image_features(model, dataset.test_images, mean, std, autocast)
+    n_image = train_features.shape[1]
+    with torch.no_grad():
+        logits = model.vision.head(test_features.mean(1))
+    encoder_acc = (logits.argmax(-1) == dataset.test_labels).float().mean().item()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"tiny LLaVA on {name}: {len(tokenizer)}-word vocabulary, {n_image} image tokens of "
+          f"{train_features.shape[2]} features, language model {args.layers} × {args.d_model} "
+          f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")
+
+    n_train = len(dataset.train_images)
+    kinds = labels.kinds
+    example_rng = random.Random(args.seed)
+
+    def stage0_batch(_):                          # text only: questions and answers about no image at all
+        examples = [labels.example(example_rng.choice(kinds + ["caption"]), example_rng.randrange(len(labels.classes)),
+                                   example_rng) for _ in range(args.batch_size)]
+        return build_batch(tokenizer, examples, 0) + (None,)
+
+    def image_batches(kind_of, epochs: float):
+        order = torch.cat([torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed + e))
+                           for e in range(int(epochs) + 1)])
+        steps = max(1, int(epochs * n_train) // args.batch_size)
+
+        def batch(step):
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            examples = [labels.example(kind_of(), int(dataset.train_labels[i]), example_rng) for i in idx]
+            return build_batch(tokenizer, examples, n_image) + (train_features[idx.to(device)],)
+        return steps, batch
+
+    example = build_batch(tokenizer, [labels.example("yesno", int(dataset.train_labels[0]), random.Random(1))], 2)
+    print("what stage 2 trains on (2 image tokens shown instead of", n_image, "):")
+    print(show_batch(tokenizer, *example))
+
+    stage_times = {}
+    steps1, batch1 = image_batches(lambda: "caption", args.stage1_epochs)
+    steps2, batch2 = image_batches(lambda: example_rng.choice(kinds), args.stage2_epochs)
+    stages = [("stage 0: text-only pretraining", [model.lm], args.stage0_steps, stage0_batch),
+              ("stage 1: alignment (projector only)", [model.projector], steps1, batch1),
+              ("stage 2: instruction tuning (projector + LM)", [model.projector, model.lm], steps2, batch2)]
+    with StopRequest() as stop:
+        for k, (title, trainable, steps, make_batch) in enumerate(stages):
+            t0 = time.perf_counter()
+            loss = run_stage(model, trainable, steps, make_batch, args.lr, autocast, title, stop)
+            save_atomic(dict(projector=model.projector.state_dict(), lm=model.lm.state_dict(),
+                             lm_config=lm.config, vocab=tokenizer.vocab, stage=k, complete=not stop.requested),
+                        out / f"stage{k}.pt")
+            stage_times[f"stage{k}"] = time.perf_counter() - t0
+            print(f"{title}: {steps} steps, last loss {loss:.3f}, {stage_times[f'stage{k}']:.0f} s; "
+                  f"saved {out / f'stage{k}.pt'}")
+            if stop.requested:
+                fail(f"interrupted during {title}; its weights so far are in {out / f'stage{k}.pt'}", code=130)
+
+    model.eval()
+    test_labels = dataset.test_labels.tolist()
+
+    def accuracy(features: torch.Tensor | None) -> dict[str, float]:
+        """Exact match per question type and paraphrase set, on the same questions for every condition."""
+        result = {}
+        for kind in kinds:
+            for heldout in (False, True):
+                rng = random.Random(f"{args.seed}-{kind}-{heldout}")
+                examples = [labels.example(kind, y, rng, heldout) for y in test_labels]
+                answers = model.answer(tokenizer, examples, features)
+                key = f"{kind}_heldout" if heldout else kind
+                result[key] = sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
+        return result
+
+    shuffled = test_features[torch.randperm(len(test_features), generator=torch.Generator().manual_seed(0))]
+    with autocast:
+        metrics = dict(dataset=name, encoder_acc=encoder_acc, accuracy=accuracy(test_features),
+                       blind_accuracy=accuracy(torch.zeros_like(test_features)),
+                       shuffled_accuracy=accuracy(shuffled.to(device)))
+    samples = []
+    for i in range(min(3, len(test_labels))):
+        rng = random.Random(i)
+        questions = [labels.example(kind, test_labels[i], rng) for kind in kinds]
+        with autocast:
+            answers = model.answer(tokenizer, questions, test_features[i:i + 1].expand(len(questions), -1, -1))
+        samples.append(dict(label=labels.classes[test_labels[i]],
+                            turns=[dict(question=q.question, answer=a, expected=q.answer)
+                                   for q, a in zip(questions, answers)]))
+    metrics.update(samples=samples, stage_times_s=stage_times, pipeline_time_s=time.perf_counter() - started,
+                   templates={k: dict(seen=v[0], heldout=v[1]) for k, v in TEMPLATES.items()})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for sample in samples:
+        print(f"\n[test image of a {sample['label']}]")
+        for turn in sample["turns"]:
+            print(f"  user: {turn['question']}\n  assistant: {turn['answer']}")
+    print("\nexact match, seen / held-out paraphrases (blind: image features zeroed / shuffled):")
+    for kind in kinds:
+        a, b, s = metrics["accuracy"], metrics["blind_accuracy"], metrics["shuffled_accuracy"]
+        print(f"  {kind:10s} {a[kind]:.4f} / {a[kind + '_heldout']:.4f}   (blind {b[kind]:.4f} / "
+              f"{s[kind]:.4f})")
+    print(f"encoder accuracy {encoder_acc:.4f}; pipeline {metrics['pipeline_time_s']:.0f} s; "
+          f"wrote {out / 'metrics.json'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
