@@ -277,8 +277,9 @@ def mamba_decoder(lm: MambaLM, prompt: torch.Tensor):
 
     def keep(new_states):                                           # into the same buffers: the graph reads them
         for (conv, ssm), (new_conv, new_ssm) in zip(states, new_states):
-            conv.copy_(new_conv)
-            ssm.copy_(new_ssm)
+            for old, new in ((conv, new_conv), (ssm, new_ssm)):
+                if new is not old:                                  # step() advances the state in place
+                    old.copy_(new)
 
     @torch.no_grad()
     def prefill():

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .scan import selective_scan
+from .scan import choose_impl, selective_scan
 
 # torch.compile fuses the small ops around the scan; the scan itself is already one fused kernel (and its input
 # checks are Python), so compiled models call it as it is
@@ -91,6 +91,22 @@ class SelectiveSSM(nn.Module):
         delta = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")  # bias goes in the scan (fused softplus)
         return delta, rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l")
 
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Whether inputs like x (b, d_inner, ...) go to the Triton kernels (scan.py's choose_impl decides)."""
+        return choose_impl(self.scan_impl, x.reshape(x.shape[0], x.shape[1], -1), self.A_log) == "triton"
+
+    def step(self, x: torch.Tensor, z: torch.Tensor | None, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token (section 3.3, the recurrent mode): x, z (b, d_inner) -> y (b, d_inner); ssm_state
+        (b, d_inner, d_state) is advanced in place. One fused kernel on the Triton path, the reference loop else."""
+        if not self.uses_kernels(x):
+            y, h = self(x[..., None], None if z is None else z[..., None], ssm_state, return_last_state=True)
+            ssm_state.copy_(h)
+            return y[..., 0]
+        from .step_triton import ssm_step                                    # Triton loads on first use
+        delta, B, C = (t[..., 0] for t in self.ssm_inputs(x[..., None]))    # (b, d_inner), (b, d_state) × 2
+        return ssm_step(ssm_state, x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
+                        self.dt_proj.bias.float(), delta_softplus=True)
+
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None,
                 return_last_state: bool = False):
         """The selective scan of x (b, d_inner, l), gated by silu(z) when given, from ssm_state (b, d_inner, d_state)."""
@@ -122,7 +138,7 @@ class MambaBlock(nn.Module):
         if not return_state:
             return self.out_proj(rearrange(self.ssm(x_conv, z), "b d l -> b l d"))
         y, ssm_state = self.ssm(x_conv, z, return_last_state=True)
-        conv_state = F.pad(x, (self.config.d_conv - 1, 0))[..., -(self.config.d_conv - 1):]  # last d_conv-1 inputs
+        conv_state = F.pad(x, (self.config.d_conv - 1, 0))[..., -(self.config.d_conv - 1):].contiguous()  # last inputs
         return self.out_proj(rearrange(y, "b d l -> b l d")), (conv_state, ssm_state)
 
     def empty_state(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,14 +147,20 @@ class MambaBlock(nn.Module):
                 torch.zeros(batch, c.d_inner, c.d_state, device=device, dtype=torch.float32))
 
     def step(self, hidden: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """One token: hidden (b, d_model) and the carried (conv_state, ssm_state) -> (b, d_model), new state.
-        Constant time and memory per token — the recurrent mode of section 3.3."""
+        """One token: hidden (b, d_model) and the carried (conv_state, ssm_state) -> (b, d_model) and the state,
+        advanced in place. Constant time and memory per token — the recurrent mode of section 3.3."""
         conv_state, ssm_state = state
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                         # (b, d_inner) each
-        window = torch.cat([conv_state, x[..., None]], dim=-1)              # (b, d_inner, d_conv)
-        x_conv = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
-        y, ssm_state = self.ssm(F.silu(x_conv)[..., None], z[..., None], ssm_state, return_last_state=True)
-        return self.out_proj(y[..., 0]), (window[..., 1:], ssm_state)
+        weight = self.conv1d.weight[:, 0]                                    # (d_inner, d_conv)
+        if self.ssm.uses_kernels(x):
+            from .step_triton import conv_step
+            x_conv = conv_step(x, conv_state, weight, self.conv1d.bias)
+        else:
+            window = torch.cat([conv_state, x[..., None]], dim=-1)          # (b, d_inner, d_conv)
+            x_conv = F.silu((window * weight).sum(-1) + self.conv1d.bias)
+            conv_state.copy_(window[..., 1:])
+        y = self.ssm.step(x_conv, z, ssm_state)
+        return self.out_proj(y), (conv_state, ssm_state)
 
 
 class ResidualBlock(nn.Module):
@@ -195,7 +217,8 @@ class MambaLM(nn.Module):
         return [layer.mixer.empty_state(batch, device, dtype) for layer in self.layers]
 
     def step(self, token: torch.Tensor, states: list):
-        """One token per sequence, token (b,) -> logits (b, vocab) and the new states: O(1) time and memory."""
+        """One token per sequence, token (b,) -> logits (b, vocab) and the states, advanced in place: O(1) time and
+        memory."""
         x = self.embedding(token)
         new_states = []
         for layer, state in zip(self.layers, states):

@@ -58,6 +58,15 @@ def run(scan, problem: dict, grad_seed: int = 1, **kwargs) -> tuple[torch.Tensor
     return y.detach(), last.detach(), dict(zip(leaves, grads))
 
 
+FP32_TOL = 1e-4
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """1e-4 in fp32; in bf16/fp16, 2·eps of the dtype: both sides compute in fp32 from the same inputs and may
+    differ by one unit in the last place of the rounded output, plus fp32 summation-order noise."""
+    return FP32_TOL if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "", scale: float = 0.0) -> None:
     """|actual - expected| <= tol·|expected| + tol·max(max|expected|, 1e-3·scale).
 

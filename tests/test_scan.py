@@ -19,9 +19,8 @@ from mini_mamba.scan_ref import selective_scan_ref
 from mini_mamba.scan_triton import selective_scan_triton
 
 from .conftest import DEVICE
-from .problems import assert_close, assert_same_results, make_problem, problems, run
+from .problems import FP32_TOL, assert_close, assert_same_results, make_problem, problems, run, tolerance
 
-FP32_TOL = 1e-4
 ON_GPU = DEVICE.type == "cuda"
 TRITON_EXAMPLES = 40                            # ~1 s per example: the interpreter, or compiling
 
@@ -86,8 +85,8 @@ def test_triton_low_precision_matches_reference(dtype):
     problem = to_device(make_problem(2, 6, 5, 45, seed=7, dtype=dtype))
     config = dict(block_t=16, block_c=2, bwd_block_c=4, num_warps=1, bwd_num_warps=1, n_segments=2,
                   summary_elements=64, summary_num_warps=1)
-    tol = 2 * torch.finfo(dtype).eps
-    assert_same_results(run(selective_scan_triton, problem, config=config), run(selective_scan_ref, problem), tol)
+    assert_same_results(run(selective_scan_triton, problem, config=config), run(selective_scan_ref, problem),
+                        tolerance(dtype))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="seqlen 16K at a real width is beyond the CPU interpreter")
@@ -97,7 +96,7 @@ def test_triton_long_sequence_on_gpu(dtype, record_property):
     parallel scan (equal to the reference by the properties above; the loop's autograd over 16K steps is slow).
     Tolerance 2·eps of the dtype (see the low-precision test), 1e-4 in fp32."""
     problem = to_device(make_problem(2, 96, 16, 16384, seed=11, dtype=dtype))
-    tol = FP32_TOL if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    tol = tolerance(dtype)
     y, last, grads = run(selective_scan_triton, problem)
     y_ref, last_ref = selective_scan_ref(**problem, return_last_state=True)
     for name, actual, expected in [("y", y, y_ref), ("last_state", last, last_ref)]:
