@@ -113,20 +113,28 @@ def with_grads(inputs: dict) -> dict:
     return {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def scan_maker(impl: str, batch: int, d_inner: int, seqlen: int, d_state: int, device, dtype):
+def scan_maker(impl: str, batch: int, d_inner: int, seqlen: int, d_state: int, device, dtype,
+               config: dict | None = None):
+    """config: tile_config() overrides for the Triton kernel (impl 'triton' only)."""
+    def scan(**inputs):
+        if config is None:
+            return selective_scan(**inputs, impl=impl)
+        from mini_mamba.scan_triton import selective_scan_triton
+        return selective_scan_triton(**inputs, config=config)
+
     def make():
         inputs = with_grads(scan_inputs(batch, d_inner, seqlen, d_state, device, dtype))
         dout = torch.randn_like(inputs["u"])
 
         def forward():
             with torch.no_grad():
-                selective_scan(**inputs, impl=impl)
+                scan(**inputs)
 
         def forward_backward():
             for x in inputs.values():
                 if isinstance(x, torch.Tensor):
                     x.grad = None
-            selective_scan(**inputs, impl=impl).backward(dout)
+            scan(**inputs).backward(dout)
         return forward, forward_backward
     return make
 
@@ -371,7 +379,12 @@ def kernel_table(device, anchors_path: Path) -> dict:
         ours = measure(scan_maker("triton", 8, 1536, 4096, d_state, device, torch.bfloat16), device)
         sweep.append(dict(d_state=d_state, ours_fwd_ms=ours["fwd_ms"], ours_fwd_bwd_ms=ours["fwd_bwd_ms"],
                           official_fwd_ms=official[(8, 4096, d_state)]["fwd_ms"]))
-    return dict(shapes=table, d_state_sweep=sweep)
+    segments = []                                   # 1·128K: how many sequence segments pay (tile_config's choice)
+    for n_segments in (4, 6, 8, 11, 12, 16, 24):
+        ours = measure(scan_maker("triton", 1, 1536, 131072, 16, device, torch.bfloat16,
+                                  config=dict(n_segments=n_segments)), device)
+        segments.append(dict(n_segments=n_segments, ours_fwd_ms=ours["fwd_ms"], ours_fwd_bwd_ms=ours["fwd_bwd_ms"]))
+    return dict(shapes=table, d_state_sweep=sweep, segments_sweep_1x1536x131072=segments)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -407,6 +420,9 @@ def print_kernel(results: dict) -> None:
               f"{r['sdpa_fwd_ms']:8.3f}/{r['sdpa_fwd_bwd_ms']:<8.3f} {r['peak_over_inputs_outputs_grads']:19.2f}")
     print("  d_state sweep at 8x1536x4096, forward ms (ours / official):",
           ", ".join(f"{r['d_state']}: {r['ours_fwd_ms']:.3f}/{r['official_fwd_ms']:.3f}" for r in results["d_state_sweep"]))
+    print("  sequence segments at 1x1536x131072, ms (forward / forward+backward):",
+          ", ".join(f"{r['n_segments']}: {r['ours_fwd_ms']:.3f}/{r['ours_fwd_bwd_ms']:.2f}"
+                    for r in results["segments_sweep_1x1536x131072"]))
 
 
 def plot(results: dict, path: Path) -> None:
