@@ -108,7 +108,9 @@ def main(argv=None) -> dict:
     device, _, _ = setup(args.device)
     out = Path(args.out)
     vision = load_vision(Path(args.vision_ckpt), device)
-    name = args.dataset or vision["dataset"]
+    name = args.dataset or vision.get("dataset")
+    if name is None:
+        fail(f"{args.vision_ckpt} does not say which dataset it was trained on: pass --dataset")
     try:
         dataset = data.load_dataset(name, args.data_dir).limit(args.limit).to(device)
     except data.DataError as error:
@@ -138,6 +140,7 @@ def main(argv=None) -> dict:
           f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")
 
     n_train = len(dataset.train_images)
+    train_labels = dataset.train_labels.tolist()                 # read once: indexing a GPU tensor per item syncs
     kinds = labels.kinds
     example_rng = random.Random(args.seed)
 
@@ -153,11 +156,11 @@ def main(argv=None) -> dict:
 
         def batch(step):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            examples = [labels.example(kind_of(), int(dataset.train_labels[i]), example_rng) for i in idx]
+            examples = [labels.example(kind_of(), train_labels[i], example_rng) for i in idx.tolist()]
             return build_batch(tokenizer, examples, n_image) + (train_features[idx.to(device)],)
         return steps, batch
 
-    example = build_batch(tokenizer, [labels.example("yesno", int(dataset.train_labels[0]), random.Random(1))], 2)
+    example = build_batch(tokenizer, [labels.example("yesno", train_labels[0], random.Random(1))], 2)
     print("what stage 2 trains on (2 image tokens shown instead of", n_image, "):")
     print(show_batch(tokenizer, *example))
 
