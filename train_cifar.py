@@ -65,14 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(model, images, labels, mean, std, batch_size, rank, world, autocast) -> float:
     """Top-1 accuracy on (images, labels), each rank a share of the examples, summed across ranks."""
     model.eval()
-    correct = torch.zeros(2, device=images.device)                       # (correct, seen)
+    correct = torch.zeros((), device=images.device)
     for idx in data.eval_batches(len(images), batch_size, rank, world):
         with autocast:
             logits = model(data.normalize(images[idx], mean, std).contiguous(memory_format=torch.channels_last))
-        correct += torch.stack([(logits.argmax(-1) == labels[idx]).sum().float(), correct.new_tensor(len(idx))])
+        correct += (logits.argmax(-1) == labels[idx]).sum()
     if world > 1:
         dist.all_reduce(correct)
-    return (correct[0] / correct[1]).item()
+    return correct.item() / len(images)                                  # the ranks together saw every image once
 
 
 def main(argv=None) -> dict:
@@ -181,27 +181,29 @@ def main(argv=None) -> dict:
         while state["epoch"] < args.epochs:
             epoch = state["epoch"]
             order = torch.Generator().manual_seed(args.seed * 10007 + epoch)        # the same on every rank
-            batches = data.train_batches(n_train, global_batch, order, rank, world)
+            batches = data.train_batches(n_train, global_batch, order, rank, world).to(device)   # one copy an epoch
             train_model.train()
-            sums = torch.zeros(3, device=device)                 # (loss · n, correct, n) since the epoch began
+            sums = torch.zeros(2, device=device)                 # (loss · n, correct) over this rank's images
             bar = tqdm(total=len(batches), initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=not main_process, dynamic_ncols=True)
             started, images_before = time.perf_counter(), state["images"]
-            for i in range(state["step_in_epoch"], len(batches)):
-                idx = batches[i].to(device)
+            first_step = state["step_in_epoch"]
+            for i in range(first_step, len(batches)):
+                idx = batches[i]
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
                 images = data.augment(dataset.train_images[idx], mean, std, augment_rng, erase_p=args.erase_p)
                 labels = dataset.train_labels[idx]
                 loss, correct = train_step(images, labels)
-                sums += torch.stack([loss * len(idx), correct, sums.new_tensor(len(idx))])
+                sums += torch.stack([loss * len(idx), correct])
                 state["images"] += global_batch
+                seen = (i + 1 - first_step) * len(idx)           # this rank's images since the epoch (re)started
                 bar.update(1)
                 at_check = (i + 1) % CHECK_EVERY == 0 or i + 1 == len(batches)
                 if not at_check and not (world == 1 and stop.requested):   # one process: stop at the next step
                     continue
                 nonfinite, stopping = agree(torch.tensor([float(not math.isfinite(loss.item())),
                                                           float(stop.requested)], device=device), world)
-                bar.set_postfix(loss=f"{(sums[0] / sums[2]).item():.3f}", acc=f"{(sums[1] / sums[2]).item():.3f}",
+                bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[1].item() / seen:.3f}",
                                 img_s=f"{(state['images'] - images_before) / (time.perf_counter() - started):,.0f}")
                 if nonfinite:
                     bar.close()
@@ -223,8 +225,9 @@ def main(argv=None) -> dict:
             state["train_time_s"] += time.perf_counter() - started
             if world > 1:
                 dist.all_reduce(sums)
-            state["history"].append(dict(epoch=epoch + 1, train_loss=(sums[0] / sums[2]).item(),
-                                         train_acc=(sums[1] / sums[2]).item(), test_acc=test_acc,
+            seen = (len(batches) - first_step) * global_batch      # all ranks' images since the epoch (re)started
+            state["history"].append(dict(epoch=epoch + 1, train_loss=sums[0].item() / seen,
+                                         train_acc=sums[1].item() / seen, test_acc=test_acc,
                                          images_per_s=(state["images"] - images_before) / train_seconds))
             log(f"epoch {epoch + 1}: test accuracy {test_acc:.4f} ({state['train_time_s']:.0f} s so far)")
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0

@@ -20,7 +20,7 @@ import math
 import pickle
 import tarfile
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +48,17 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
+    def map_tensors(self, fn) -> "Dataset":
+        """The same dataset with fn applied to each of its tensors (images, labels, superclasses)."""
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def limit(self, n: int | None) -> "Dataset":
         """The first n training and n test examples (all when n is None)."""
-        if n is None:
-            return self
-        cut = lambda x: None if x is None else x[:n]
-        return Dataset(self.name, self.train_images[:n], self.train_labels[:n], self.test_images[:n],
-                       self.test_labels[:n], self.classes, self.coarse_classes, cut(self.train_coarse),
-                       cut(self.test_coarse))
+        return self if n is None else self.map_tensors(lambda x: x[:n])
 
     def to(self, device: torch.device | str) -> "Dataset":
-        move = lambda x: None if x is None else x.to(device)
-        return Dataset(self.name, move(self.train_images), move(self.train_labels), move(self.test_images),
-                       move(self.test_labels), self.classes, self.coarse_classes, move(self.train_coarse),
-                       move(self.test_coarse))
+        return self.map_tensors(lambda x: x.to(device))
 
 
 # ---------------------------------------------------------------------------------------------------- CIFAR
