@@ -8,7 +8,8 @@ several with `torchrun --nproc_per_node=K train_cifar.py ...` (DistributedDataPa
 The recipe (defaults, no flags needed): AdamW (lr 2e-3 at batch 512, weight decay 0.05 except on norms, biases,
 A_log, D and layer scales), linear warmup then cosine decay, label smoothing 0.1, gradient clipping at 1.0, bf16
 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip + random erasing
-computed on the GPU. The whole dataset is a GPU tensor.
+computed on the GPU, and at test time the average of each image's logits and its mirror image's (--no-tta: off).
+The whole dataset is a GPU tensor.
 
 Writes OUT/checkpoint.pt (each epoch and on Ctrl-C), OUT/model.pt (the EMA weights and config) and OUT/metrics.json.
 """
@@ -48,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0 disables the EMA)")
     p.add_argument("--erase-p", type=float, default=0.5, help="probability of random erasing per image")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model for training (fewer kernel launches; not yet measured, so off)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="test-time flip: average the logits of each test image and its mirror image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
@@ -62,13 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, mean, std, batch_size, rank, world, autocast) -> float:
-    """Top-1 accuracy on (images, labels), each rank a share of the examples, summed across ranks."""
+def evaluate(model, images, labels, mean, std, batch_size, rank, world, autocast, flip: bool) -> float:
+    """Top-1 accuracy on (images, labels), each rank a share of the examples, summed across ranks. With flip, the
+    prediction is from the logits of the image plus those of its mirror image (the training's flip, used at test)."""
     model.eval()
     correct = torch.zeros((), device=images.device)
     for idx in data.eval_batches(len(images), batch_size, rank, world):
+        x = data.normalize(images[idx], mean, std).contiguous(memory_format=torch.channels_last)
         with autocast:
-            logits = model(data.normalize(images[idx], mean, std).contiguous(memory_format=torch.channels_last))
+            logits = model(x) + model(x.flip(-1)) if flip else model(x)
         correct += (logits.argmax(-1) == labels[idx]).sum()
     if world > 1:
         dist.all_reduce(correct)
@@ -84,8 +87,9 @@ def main(argv=None) -> dict:
         if not checkpoint_path.is_file():
             fail(f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        given = {k: getattr(args, k) for k in ("device", "data_dir", "compile") if getattr(args, k) is not None}
-        args = argparse.Namespace(**{**resumed["args"], **given, "out": args.out, "resume": True})
+        given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
+        args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,
+                                     "resume": True})                    # options newer than the run: defaults
     device, rank, world = setup(args.device)
     torch.backends.cudnn.benchmark = True                                # fixed shapes: let cuDNN pick its kernels
     main_process = rank == 0
@@ -124,10 +128,9 @@ def main(argv=None) -> dict:
         state = resumed["state"]
         log(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     train_model = DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
-    if args.compile:
-        train_model = torch.compile(train_model)     # fuses the small ops: the eager step is bound by kernel launches
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     eval_model = ema.model if ema is not None else model
+    test_set = (dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world, autocast)
     out.mkdir(parents=True, exist_ok=True)
     log(f"MambaVision-{args.model} ({params / 1e6:.2f}M parameters) on {args.dataset} "
         f"({n_train} train / {len(dataset.test_images)} test, {channels}×{size}×{size}), {world} × {device.type}, "
@@ -163,14 +166,15 @@ def main(argv=None) -> dict:
 
     def write_metrics(**final) -> dict:
         """OUT/metrics.json after every epoch ("complete": false until the last), so an interrupted run keeps its
-        record; test_acc is the EMA model's (the one saved), test_acc_raw the live weights' at the end."""
+        record; test_acc is the EMA model's (the one saved), test_acc_raw the live weights' at the end, and
+        test_acc_no_flip the EMA model's without the test-time flip."""
         history = state["history"]
         timed = history[1:] or history                                   # the first epoch includes warm-up
         metrics = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, complete=bool(final),
                        test_acc=history[-1]["test_acc"], **final, params=params,
                        train_time_s=state["train_time_s"],
                        images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
-                       batch_size=global_batch, lr=lr, erase_p=args.erase_p,
+                       batch_size=global_batch, lr=lr, erase_p=args.erase_p, tta=args.tta,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
         if main_process:
@@ -220,8 +224,7 @@ def main(argv=None) -> dict:
                     raise SystemExit(130)
             bar.close()
             train_seconds = time.perf_counter() - started
-            test_acc = evaluate(eval_model, dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world,
-                                autocast)
+            test_acc = evaluate(eval_model, *test_set, args.tta)
             state["train_time_s"] += time.perf_counter() - started
             if world > 1:
                 dist.all_reduce(sums)
@@ -237,13 +240,14 @@ def main(argv=None) -> dict:
                 log(f"interrupted after epoch {epoch + 1}; continue with --resume --out {out}")
                 raise SystemExit(130)
 
-    test_acc_raw = evaluate(model, dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world, autocast)
-    metrics = write_metrics(test_acc_raw=test_acc_raw)
+    test_acc_raw = evaluate(model, *test_set, args.tta)
+    metrics = write_metrics(test_acc_raw=test_acc_raw, test_acc_no_flip=evaluate(eval_model, *test_set, False))
     if main_process:
         torch.save(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
                         dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"], mean=mean.cpu(),
                         std=std.cpu()), out / "model.pt")
-        log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}) after "
+        log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}; EMA without the "
+            f"test-time flip {metrics['test_acc_no_flip']:.4f}) after "
             f"{args.epochs} epochs, {metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
             f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
     if world > 1:

@@ -27,10 +27,6 @@ from einops import rearrange
 
 from .scan import choose_impl, selective_scan
 
-# torch.compile fuses the small ops around the scan; the scan itself is already one fused kernel (and its input
-# checks are Python), so compiled models call it as it is
-scan_uncompiled = torch.compiler.disable(selective_scan)
-
 
 @dataclass
 class MambaConfig:
@@ -113,9 +109,9 @@ class SelectiveSSM(nn.Module):
         delta, B, C = self.ssm_inputs(x)
         A = -torch.exp(self.A_log.float())                                   # (d_inner, d_state)
         impl = self.scan_impl if x.shape[-1] > 1 else "ref"                  # one step: no kernel launch needed
-        return scan_uncompiled(x, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
-                              delta_softplus=True, initial_state=ssm_state, return_last_state=return_last_state,
-                              impl=impl)
+        return selective_scan(x, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                             delta_softplus=True, initial_state=ssm_state, return_last_state=return_last_state,
+                             impl=impl)
 
 
 class MambaBlock(nn.Module):

@@ -15,7 +15,7 @@ from mini_mamba import data
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "tiny", "--limit", "96", "--batch-size", "32", "--no-compile"]
+TINY = ["--model", "tiny", "--limit", "96", "--batch-size", "32"]
 SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu"]        # on the CPU: bit-exact, for resume and NaN
 
 
@@ -36,6 +36,22 @@ def test_smoke_run_on_fashion_mnist(tmp_path):
     metrics = train_cifar.main(["--dataset", "fashion-mnist", *TINY, "--epochs", "1", "--device", DEVICE.type,
                                 "--out", str(tmp_path)])
     assert metrics["dataset"] == "fashion-mnist" and metrics["history"][0]["epoch"] == 1
+
+
+def test_the_test_time_flip_predicts_from_the_logits_of_the_image_plus_those_of_its_mirror_image():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 5, 4))     # not mirror-symmetric
+    images = torch.randint(0, 256, (40, 2, 3, 5), dtype=torch.uint8)
+    mean, std = torch.tensor([0.4, 0.6]), torch.tensor([0.2, 0.3])
+    x = data.normalize(images, mean, std)
+    with torch.no_grad():
+        plain, both = model(x), model(x) + model(x.flip(-1))
+    labels = both.argmax(-1)                                         # right for every image with the flip
+    assert not torch.equal(plain.argmax(-1), labels)                 # the flip changes some predictions
+    off = torch.autocast("cpu", enabled=False)
+    evaluate = lambda flip: train_cifar.evaluate(model, images, labels, mean, std, 16, 0, 1, off, flip)
+    assert evaluate(True) == 1.0
+    assert evaluate(False) == pytest.approx((plain.argmax(-1) == labels).float().mean().item())
 
 
 def interrupt_at_step(monkeypatch, step: int):
