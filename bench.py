@@ -283,22 +283,17 @@ def mamba_decoder(lm: MambaLM, prompt: torch.Tensor):
     """(prefill, step) for time_generation: one parallel pass over the prompt, then the recurrent step."""
     states = lm.empty_state(prompt.shape[0], prompt.device, lm.embedding.weight.dtype)
 
-    def keep(new_states):                                           # into the same buffers: the graph reads them
-        for (conv, ssm), (new_conv, new_ssm) in zip(states, new_states):
-            for old, new in ((conv, new_conv), (ssm, new_ssm)):
-                if new is not old:                                  # step() advances the state in place
-                    old.copy_(new)
-
     @torch.no_grad()
     def prefill():
         logits, new_states = lm(prompt, return_state=True)
-        keep(new_states)
+        for (conv, ssm), (new_conv, new_ssm) in zip(states, new_states):   # into the buffers the graph reads
+            conv.copy_(new_conv)
+            ssm.copy_(new_ssm)
         return logits[:, -1].argmax(-1)
 
     @torch.no_grad()
     def step(token):
-        logits, new_states = lm.step(token, states)
-        keep(new_states)
+        logits, _ = lm.step(token, states)                              # advances the states in place
         return logits.argmax(-1)
     return prefill, step
 

@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     with autocast:
         metrics = dict(dataset=name, encoder_acc=encoder_acc, accuracy=accuracy(test_features),
                        blind_accuracy=accuracy(torch.zeros_like(test_features)),
-                       shuffled_accuracy=accuracy(shuffled.to(device)))
+                       shuffled_accuracy=accuracy(shuffled))
     samples = []
     for i in range(min(3, len(test_labels))):
         rng = random.Random(i)
