@@ -8,8 +8,8 @@ several with `torchrun --nproc_per_node=K train_cifar.py ...` (DistributedDataPa
 The recipe (defaults, no flags needed): AdamW (lr 2e-3 at batch 512, weight decay 0.05 except on norms, biases,
 A_log, D and layer scales), linear warmup then cosine decay, label smoothing 0.1, gradient clipping at 1.0, bf16
 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip + random erasing
-computed on the GPU, and at test time the average of each image's logits and its mirror image's (--no-tta: off).
-The whole dataset is a GPU tensor.
+computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each image's logits and its
+mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
 
 Writes OUT/checkpoint.pt (each epoch and on Ctrl-C), OUT/model.pt (the EMA weights and config) and OUT/metrics.json.
 """
@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0 disables the EMA)")
     p.add_argument("--erase-p", type=float, default=0.5, help="probability of random erasing per image")
+    p.add_argument("--mix", type=float, default=0.0, help="probability of CutMix per batch (0: off)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
@@ -149,11 +150,13 @@ def main(argv=None) -> dict:
         augment_rng.manual_seed(seed)
         torch.manual_seed(seed)
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One AdamW step on a batch; returns the loss and the number of correct predictions (GPU scalars)."""
+    def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One AdamW step on a batch whose images are the share lam their own and 1 - lam their predecessor's in the
+        batch (CutMix); returns the loss and the number of correct predictions of the own labels (GPU scalars)."""
         with autocast:
             logits = train_model(images.contiguous(memory_format=torch.channels_last))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        loss_on = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+        loss = lam * loss_on(labels) + (1 - lam) * loss_on(labels.roll(1, 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -174,7 +177,7 @@ def main(argv=None) -> dict:
                        test_acc=history[-1]["test_acc"], **final, params=params,
                        train_time_s=state["train_time_s"],
                        images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
-                       batch_size=global_batch, lr=lr, erase_p=args.erase_p, tta=args.tta,
+                       batch_size=global_batch, lr=lr, erase_p=args.erase_p, mix=args.mix, tta=args.tta,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
         if main_process:
@@ -196,8 +199,8 @@ def main(argv=None) -> dict:
                 idx = batches[i]
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
                 images = data.augment(dataset.train_images[idx], mean, std, augment_rng, erase_p=args.erase_p)
-                labels = dataset.train_labels[idx]
-                loss, correct = train_step(images, labels)
+                images, lam = data.cutmix(images, augment_rng, args.mix)
+                loss, correct = train_step(images, dataset.train_labels[idx], lam)
                 sums += torch.stack([loss * len(idx), correct])
                 state["images"] += global_batch
                 seen = (i + 1 - first_step) * len(idx)           # this rank's images since the epoch (re)started

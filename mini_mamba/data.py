@@ -291,6 +291,22 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generat
     return normalize(crops, mean, std).masked_fill(erase[:, None], 0.0)
 
 
+def cutmix(images: torch.Tensor, generator: torch.Generator, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix (Yun et al. 2019) on a batch of images (b, c, h, w): with probability p, one rectangle — side √(1-λ) of
+    the image's, λ ~ U(0, 1), its centre anywhere, clipped at the border — is pasted into every image from the next
+    image of the batch (a roll by one). Returns (images, lam): lam, a GPU scalar, is the share of each image still its
+    own (1 when nothing was pasted); the loss weighs each image's label by lam and its neighbour's by 1 - lam."""
+    b, c, h, w = images.shape
+    dev = images.device
+    lam, cy, cx, coin = torch.rand(4, generator=generator, device=dev)
+    side = (1 - lam).sqrt() * (coin < p)                                           # 0: no rectangle
+    y = torch.arange(h, device=dev)[:, None]                                       # (h, 1)
+    x = torch.arange(w, device=dev)[None, :]                                       # (1, w)
+    inside = ((y - cy * h).abs() < side * h / 2) & ((x - cx * w).abs() < side * w / 2)   # (h, w)
+    mixed = torch.where(inside, images.roll(1, 0), images)
+    return mixed, 1 - inside.float().mean()
+
+
 def train_batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1
                   ) -> torch.Tensor:
     """One epoch's index batches (n_batches, batch_size // world) for this rank: a random permutation (the same on

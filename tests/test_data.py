@@ -204,3 +204,20 @@ def test_augment_is_reproducible_and_shifts_and_erases():
     assert torch.equal(a, b) and a.shape == images.shape and a.dtype == torch.float32
     assert ((a == 0).flatten(1).any(1)).all()                      # every image lost some pixels (border or erase)
     assert not torch.equal(a, data.normalize(images, mean, std))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), channels=st.sampled_from([1, 3]), p=st.sampled_from([0.0, 0.5, 1.0]))
+def test_cutmix_pastes_one_rectangle_from_the_previous_image_and_reports_its_share(seed, channels, p):
+    # images whose pixels all differ from their neighbour's, so the source of every output pixel is visible
+    images = torch.arange(5, dtype=torch.float32)[:, None, None, None].expand(5, channels, 9, 7).clone()
+    mixed, lam = data.cutmix(images, torch.Generator().manual_seed(seed), p)
+    pasted = mixed != images                                                   # (b, c, h, w)
+    assert torch.equal(mixed, torch.where(pasted, images.roll(1, 0), images))
+    assert (pasted == pasted[:1, :1]).all()                                    # one region, the same everywhere
+    rows, cols = pasted[0, 0].any(1).nonzero().flatten(), pasted[0, 0].any(0).nonzero().flatten()
+    if len(rows):                                                              # a rectangle: its bounding box, full
+        assert pasted[0, 0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert lam.item() == pytest.approx(1 - pasted[0, 0].float().mean().item())
+    if p == 0.0:
+        assert torch.equal(mixed, images) and lam.item() == 1.0

@@ -67,7 +67,7 @@ def interrupt_at_step(monkeypatch, step: int):
 
 
 def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    run = SMOKE + ["--epochs", "2", "--seed", "3"]
+    run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5"]     # CutMix draws are resumed exactly too
     train_cifar.main(run + ["--out", str(tmp_path / "straight")])
 
     interrupt_at_step(monkeypatch, 2)                                # mid-epoch 1 (3 steps per epoch)
