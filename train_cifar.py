@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mini_mamba import data
-from mini_mamba.training import (EMA, StopRequest, agree, fail, param_groups, save_atomic, setup, warmup_cosine)
+from mini_mamba.training import (EMA, GraphedStep, StopRequest, agree, fail, learning_rates_on, param_groups,
+                                 save_atomic, setup, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay the training step from a CUDA graph (GPU only): the CPU stops launching each kernel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
@@ -92,6 +95,10 @@ def main(argv=None) -> dict:
         args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,
                                      "resume": True})                    # options newer than the run: defaults
     device, rank, world = setup(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        fail("--cuda-graph needs a CUDA GPU; leave it out on a CPU")
+    if args.cuda_graph and world > 1:       # measured: capturing DDP's backward failed (see README, two H200s)
+        fail("--cuda-graph works on one GPU only for now; leave it out under torchrun")
     torch.backends.cudnn.benchmark = True                                # fixed shapes: let cuDNN pick its kernels
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
@@ -114,7 +121,9 @@ def main(argv=None) -> dict:
     ema = EMA(model, args.ema) if args.ema > 0 else None
     lr = args.lr or 2e-3 * math.sqrt(global_batch / 512)             # square-root scaling for Adam
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", capturable=args.cuda_graph)
+    lr_device = device if args.cuda_graph else None                 # a graphed step reads lr from a tensor
+    learning_rates_on(optimizer, lr_device)
     steps_per_epoch = n_train // global_batch
     total_steps = args.epochs * steps_per_epoch
     warmup = round(args.warmup_epochs * steps_per_epoch)
@@ -126,10 +135,13 @@ def main(argv=None) -> dict:
             ema.model.load_state_dict(resumed["ema"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        learning_rates_on(optimizer, lr_device)
+        scheduler.base_lrs = [float(x) for x in scheduler.base_lrs]
         state = resumed["state"]
         log(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     train_model = DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
+                              cache_enabled=not args.cuda_graph)   # no cast cache inside a graph (PyTorch docs)
     eval_model = ema.model if ema is not None else model
     test_set = (dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world, autocast)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +162,11 @@ def main(argv=None) -> dict:
         augment_rng.manual_seed(seed)
         torch.manual_seed(seed)
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor, ema_weight: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """One AdamW step on a batch whose images are the share lam their own and 1 - lam their predecessor's in the
-        batch (CutMix); returns the loss and the number of correct predictions of the own labels (GPU scalars)."""
+        batch (CutMix), then the EMA update; returns the loss and the number of correct predictions of the own
+        labels (GPU scalars). GPU work only, so that --cuda-graph can capture it."""
         with autocast:
             logits = train_model(images.contiguous(memory_format=torch.channels_last))
         loss_on = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
@@ -161,11 +175,12 @@ def main(argv=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
-        scheduler.step()
-        state["step"] += 1
         if ema is not None:
-            ema.update(model, state["step"])
+            ema.update(model, ema_weight)
         return loss.detach(), (logits.argmax(-1) == labels).sum()
+
+    step_fn = GraphedStep(train_step) if args.cuda_graph else train_step
+    ema_weight = torch.zeros((), device=device)
 
     def write_metrics(**final) -> dict:
         """OUT/metrics.json after every epoch ("complete": false until the last), so an interrupted run keeps its
@@ -178,6 +193,7 @@ def main(argv=None) -> dict:
                        train_time_s=state["train_time_s"],
                        images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
                        batch_size=global_batch, lr=lr, erase_p=args.erase_p, mix=args.mix, tta=args.tta,
+                       cuda_graph=args.cuda_graph,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
         if main_process:
@@ -200,7 +216,11 @@ def main(argv=None) -> dict:
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
                 images = data.augment(dataset.train_images[idx], mean, std, augment_rng, erase_p=args.erase_p)
                 images, lam = data.cutmix(images, augment_rng, args.mix)
-                loss, correct = train_step(images, dataset.train_labels[idx], lam)
+                if ema is not None:
+                    ema_weight.fill_(ema.weight(state["step"] + 1))
+                loss, correct = step_fn(images, dataset.train_labels[idx], lam, ema_weight)
+                scheduler.step()
+                state["step"] += 1
                 sums += torch.stack([loss * len(idx), correct])
                 state["images"] += global_batch
                 seen = (i + 1 - first_step) * len(idx)           # this rank's images since the epoch (re)started

@@ -1,5 +1,6 @@
 """What both training scripts share: device and process set-up, the AdamW recipe (parameter groups, warmup + cosine),
-an exponential moving average of the weights, checkpoints that survive interruption, and Ctrl-C handling.
+an exponential moving average of the weights, a training step replayed from a CUDA graph, checkpoints that survive
+interruption, and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
@@ -68,12 +69,64 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
 
+    def weight(self, step: int) -> float:
+        """The share of the live weights in the average after step `step`: 1 - decay."""
+        return 1 - min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
+    def update(self, model: nn.Module, weight: float | torch.Tensor) -> None:
+        """average += weight · (live - average). weight may be a 0-dim tensor, read when the update runs (so that a
+        CUDA graph that captured the update follows the ramp)."""
         ema, live = list(self.model.parameters()), list(model.parameters())
-        torch._foreach_lerp_(ema, live, 1 - decay)
-        torch._foreach_copy_(list(self.model.buffers()), list(model.buffers()))
+        change = torch._foreach_sub(live, ema)
+        torch._foreach_mul_(change, weight)
+        torch._foreach_add_(ema, change)
+        buffers = list(self.model.buffers())
+        if buffers:                                                      # (a model may have none)
+            torch._foreach_copy_(buffers, list(model.buffers()))
+
+
+class GraphedStep:
+    """A training step replayed from a CUDA graph (PyTorch's "CUDA Graphs" notes, whole-network capture): the GPU runs
+    the same kernels, but the CPU no longer launches each of them (about a thousand per MambaVision step). The first
+    `warmup` calls run eagerly on a side stream, as capture requires (cuDNN's autotuning, the optimizer's state and
+    Triton's compilation happen there, outside the graph); the next call is captured, and every call from then on copies its inputs into the captured ones and replays. The returned tensors
+    are the graph's own, overwritten by the next call. step must have no CPU-side effects (no .item(), no Python
+    numbers that change between calls: a learning rate or an EMA weight has to be a tensor)."""
+
+    def __init__(self, step, warmup: int = 11):
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.graph, self.inputs, self.outputs = None, None, None
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.calls < self.warmup:
+            self.calls += 1
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                outputs = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return outputs
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.step(*self.inputs)
+        else:
+            for captured, x in zip(self.inputs, inputs):
+                captured.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
+def learning_rates_on(optimizer: torch.optim.Optimizer, device: torch.device | None) -> None:
+    """Each parameter group's learning rate as a 0-dim tensor on device (which a captured optimizer step reads at every
+    replay; a Python float would be frozen into the graph), or as a float when device is None."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                value = float(group[key])
+                group[key] = value if device is None else torch.tensor(value, device=device)
 
 
 def save_atomic(obj, path: Path) -> None:

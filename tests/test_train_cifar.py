@@ -1,6 +1,8 @@
 """train_cifar.py's command-line contract: smoke runs on synthetic data and on Fashion-MNIST, exact resume after an
 interruption, a non-finite loss stopping the run with the last good checkpoint kept, and clear errors."""
+import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import torch
 
 import train_cifar
 from mini_mamba import data
+from mini_mamba.training import EMA, GraphedStep
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +119,79 @@ def test_missing_cifar_is_a_message_not_a_traceback(tmp_path):
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = run_script("--resume", "--out", str(tmp_path))
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("with_buffers", [False, True])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_the_ema_moves_each_weight_its_share_towards_the_live_one_and_copies_buffers(with_buffers, as_tensor):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, 5)] + ([torch.nn.BatchNorm1d(5)] if with_buffers else [])
+    model = torch.nn.Sequential(*layers)
+    ema = EMA(model, 0.99)
+    before = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.buffers():
+            b.add_(1)
+    weight = ema.weight(5)                                          # the ramp: 1 - (1 + 5) / (10 + 5)
+    assert weight == pytest.approx(1 - 6 / 15)
+    ema.update(model, torch.tensor(weight) if as_tensor else weight)
+    for old, new, live in zip(before, ema.model.parameters(), model.parameters()):
+        torch.testing.assert_close(new, old + weight * (live - old))
+    for new, live in zip(ema.model.buffers(), model.buffers()):
+        assert torch.equal(new, live)
+
+
+def test_cuda_graph_on_a_cpu_is_a_clear_error(tmp_path):
+    result = run_script(*SMOKE, "--epochs", "1", "--cuda-graph", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--cuda-graph needs a CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+@needs_cuda
+def test_a_graphed_step_replays_the_eager_step_and_reads_its_tensors_at_each_replay():
+    # plain gradient descent with a tensor learning rate, and an EMA with a tensor weight: small numerical differences
+    # stay small (Adam would divide them by the square root of its second moment), so the runs must agree closely
+    torch.manual_seed(0)
+    eager_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).cuda()
+    graph_model = copy.deepcopy(eager_model)
+    lr = torch.tensor(0.1, device="cuda")
+    ema_weight = torch.zeros((), device="cuda")
+    runs = []
+    for model, wrap in ((eager_model, lambda f: f), (graph_model, lambda f: GraphedStep(f, warmup=3))):
+        ema = EMA(model, 0.9)
+
+        def step(x, y, ema_weight, model=model, ema=ema):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            params = list(model.parameters())
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+            ema.update(model, ema_weight)
+            return (loss.detach(),)
+        runs.append((wrap(step), ema))
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for i in range(12):
+        x, y = (torch.randn(32, n, device="cuda", generator=generator) for n in (8, 4))
+        ema_weight.fill_(runs[0][1].weight(i + 1))
+        if i == 8:
+            lr.fill_(0.02)                                           # a new learning rate, as the scheduler sets it
+        eager_loss, graph_loss = (step(x, y, ema_weight)[0].item() for step, _ in runs)
+        assert graph_loss == pytest.approx(eager_loss, rel=1e-5)
+    (_, eager_ema), (graphed, graph_ema) = runs
+    assert graphed.graph is not None                                 # the last steps were replays of the graph
+    for a, b in zip([*eager_model.parameters(), *eager_ema.model.parameters()],
+                    [*graph_model.parameters(), *graph_ema.model.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_smoke_run_with_cuda_graph(tmp_path):
+    metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "6", "--cuda-graph", "--device", "cuda",
+                                "--out", str(tmp_path)])               # 18 steps: 11 eager, then replays
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and 0.0 <= metrics["test_acc"] <= 1.0
