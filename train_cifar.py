@@ -4,6 +4,7 @@ several with `torchrun --nproc_per_node=K train_cifar.py ...` (DistributedDataPa
     python train_cifar.py                                  # CIFAR-100, downloaded into ./data on first use
     python train_cifar.py --dataset fashion-mnist --epochs 60
     python train_cifar.py --resume                          # continue the run in --out exactly where it stopped
+    python train_cifar.py --cuda-graph                      # one GPU: the step replayed from a CUDA graph, faster
 
 The recipe (defaults, no flags needed): AdamW (lr 2e-3 at batch 512, weight decay 0.05 except on norms, biases,
 A_log, D and layer scales), linear warmup then cosine decay, label smoothing 0.1, gradient clipping at 1.0, bf16
