@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
         with autocast:
             logits = train_model(images.contiguous(memory_format=torch.channels_last))
         loss_on = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-        loss = lam * loss_on(labels) + (1 - lam) * loss_on(labels.roll(1, 0))
+        loss = loss_on(labels) if args.mix == 0 else lam * loss_on(labels) + (1 - lam) * loss_on(labels.roll(1, 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

@@ -298,6 +298,8 @@ def cutmix(images: torch.Tensor, generator: torch.Generator, p: float) -> tuple[
     own (1 when nothing was pasted); the loss weighs each image's label by lam and its neighbour's by 1 - lam."""
     b, c, h, w = images.shape
     dev = images.device
+    if p == 0:                                                                     # off: no draws, no copies
+        return images, torch.ones((), device=dev)
     lam, cy, cx, coin = torch.rand(4, generator=generator, device=dev)
     side = (1 - lam).sqrt() * (coin < p)                                           # 0: no rectangle
     y = torch.arange(h, device=dev)[:, None]                                       # (h, 1)

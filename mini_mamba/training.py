@@ -90,9 +90,10 @@ class GraphedStep:
     """A training step replayed from a CUDA graph (PyTorch's "CUDA Graphs" notes, whole-network capture): the GPU runs
     the same kernels, but the CPU no longer launches each of them (about a thousand per MambaVision step). The first
     `warmup` calls run eagerly on a side stream, as capture requires (cuDNN's autotuning, the optimizer's state and
-    Triton's compilation happen there, outside the graph); the next call is captured, and every call from then on copies its inputs into the captured ones and replays. The returned tensors
-    are the graph's own, overwritten by the next call. step must have no CPU-side effects (no .item(), no Python
-    numbers that change between calls: a learning rate or an EMA weight has to be a tensor)."""
+    Triton's compilation happen there, outside the graph); the next call is captured, and every call from then on
+    copies its inputs into the captured ones and replays. The returned tensors are the graph's own, overwritten by the
+    next call. step must have no CPU-side effects (no .item(), no Python numbers that change between calls: a
+    learning rate or an EMA weight has to be a tensor)."""
 
     def __init__(self, step, warmup: int = 11):
         self.step, self.warmup, self.calls = step, warmup, 0
