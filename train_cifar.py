@@ -1,16 +1,19 @@
 """Train MambaVision (mini_mamba/vision.py) on CIFAR-100 — or CIFAR-10, Fashion-MNIST, synthetic — on one GPU, or on
-several with `torchrun --nproc_per_node=K train_cifar.py ...` (DistributedDataParallel, one process per GPU).
+several with `torchrun --nproc_per_node=K train_cifar.py ...` (one process per GPU).
 
     python train_cifar.py                                  # CIFAR-100, downloaded into ./data on first use
     python train_cifar.py --dataset fashion-mnist --epochs 60
     python train_cifar.py --resume                          # continue the run in --out exactly where it stopped
-    python train_cifar.py --cuda-graph                      # one GPU: the step replayed from a CUDA graph, faster
+    python train_cifar.py --no-cuda-graph                   # the eager step (a GPU replays it from a CUDA graph)
 
-The recipe (defaults, no flags needed): AdamW (lr 2e-3 at batch 512, weight decay 0.05 except on norms, biases,
-A_log, D and layer scales), linear warmup then cosine decay, label smoothing 0.1, gradient clipping at 1.0, bf16
-autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip + random erasing
-computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each image's logits and its
-mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
+The recipe (defaults, no flags needed): MambaVision-small, 150 epochs of batch 256, AdamW (lr 2e-3 · √(batch / 512),
+weight decay 0.05 except on norms, biases, A_log, D and layer scales), linear warmup then cosine decay, label
+smoothing 0.1, gradient clipping at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and
+saved), random crop + flip + random erasing computed on the GPU (CutMix with --mix P, off by default), and at test
+time the average of each image's logits and its mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
+On a GPU the training step is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average
+their gradients with one all-reduce inside the graph (average_gradients), and without the graph through
+DistributedDataParallel.
 
 Writes OUT/checkpoint.pt (each epoch and on Ctrl-C), OUT/model.pt (the EMA weights and config) and OUT/metrics.json.
 """
@@ -30,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mini_mamba import data
-from mini_mamba.training import (EMA, GraphedStep, StopRequest, agree, fail, learning_rates_on, param_groups,
-                                 save_atomic, setup, warmup_cosine)
+from mini_mamba.training import (EMA, GraphedStep, StopRequest, agree, average_gradients, broadcast_, fail,
+                                 learning_rates_on, param_groups, save_atomic, setup, teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -42,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="cifar100", choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's archive or files")
     p.add_argument("--model", default="small", choices=tuple(SIZES))
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=512, help="batch per process (K GPUs: K × this per step)")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=256, help="batch per process (K GPUs: K × this per step)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 · √(global batch / 512))")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=3)
@@ -54,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-                   help="replay the training step from a CUDA graph (GPU only): the CPU stops launching each kernel")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the training step from a CUDA graph: the CPU stops launching each kernel\n"
+                        "(default: on with a GPU, off on a CPU; --no-cuda-graph: the eager step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
@@ -98,8 +102,8 @@ def main(argv=None) -> dict:
     device, rank, world = setup(args.device)
     if args.cuda_graph and device.type != "cuda":
         fail("--cuda-graph needs a CUDA GPU; leave it out on a CPU")
-    if args.cuda_graph and world > 1:       # measured: capturing DDP's backward failed (see README, two H200s)
-        fail("--cuda-graph works on one GPU only for now; leave it out under torchrun")
+    if args.cuda_graph is None:
+        args.cuda_graph = device.type == "cuda"
     torch.backends.cudnn.benchmark = True                                # fixed shapes: let cuDNN pick its kernels
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
@@ -140,7 +144,12 @@ def main(argv=None) -> dict:
         scheduler.base_lrs = [float(x) for x in scheduler.base_lrs]
         state = resumed["state"]
         log(f"resuming from {checkpoint_path}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-    train_model = DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
+    # Several GPUs: DistributedDataParallel; with --cuda-graph, whose capture DDP's hooks fail (README), the step
+    # averages the gradients itself with one all-reduce after the backward (average_gradients).
+    ddp = world > 1 and not args.cuda_graph
+    device_ids = [device.index] if device.type == "cuda" else None
+    train_model = DistributedDataParallel(model, device_ids=device_ids) if ddp else model
+    broadcast_([*model.state_dict().values(), *(ema.model.state_dict().values() if ema else ())], world)  # as DDP
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                               cache_enabled=not args.cuda_graph)   # no cast cache inside a graph (PyTorch docs)
     eval_model = ema.model if ema is not None else model
@@ -174,6 +183,8 @@ def main(argv=None) -> dict:
         loss = loss_on(labels) if args.mix == 0 else lam * loss_on(labels) + (1 - lam) * loss_on(labels.roll(1, 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1 and not ddp:
+            average_gradients(model, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         if ema is not None:
@@ -201,7 +212,7 @@ def main(argv=None) -> dict:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, teardown(step_fn, world):
         while state["epoch"] < args.epochs:
             epoch = state["epoch"]
             order = torch.Generator().manual_seed(args.seed * 10007 + epoch)        # the same on every rank
@@ -248,6 +259,8 @@ def main(argv=None) -> dict:
                     raise SystemExit(130)
             bar.close()
             train_seconds = time.perf_counter() - started
+            if not ddp:                                  # rank 0's BatchNorm statistics everywhere (DDP: each step)
+                broadcast_([*model.buffers(), *(ema.model.buffers() if ema else ())], world)
             test_acc = evaluate(eval_model, *test_set, args.tta)
             state["train_time_s"] += time.perf_counter() - started
             if world > 1:
@@ -264,18 +277,16 @@ def main(argv=None) -> dict:
                 log(f"interrupted after epoch {epoch + 1}; continue with --resume --out {out}")
                 raise SystemExit(130)
 
-    test_acc_raw = evaluate(model, *test_set, args.tta)
-    metrics = write_metrics(test_acc_raw=test_acc_raw, test_acc_no_flip=evaluate(eval_model, *test_set, False))
-    if main_process:
-        torch.save(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
-                        dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"], mean=mean.cpu(),
-                        std=std.cpu()), out / "model.pt")
-        log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}; EMA without the "
-            f"test-time flip {metrics['test_acc_no_flip']:.4f}) after "
-            f"{args.epochs} epochs, {metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
-            f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
-    if world > 1:
-        dist.destroy_process_group()
+        test_acc_raw = evaluate(model, *test_set, args.tta)
+        metrics = write_metrics(test_acc_raw=test_acc_raw, test_acc_no_flip=evaluate(eval_model, *test_set, False))
+        if main_process:
+            torch.save(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
+                            dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"],
+                            mean=mean.cpu(), std=std.cpu()), out / "model.pt")
+            log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}; EMA without the "
+                f"test-time flip {metrics['test_acc_no_flip']:.4f}) after {args.epochs} epochs, "
+                f"{metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
+                f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
     return metrics
 
 

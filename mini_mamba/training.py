@@ -1,17 +1,19 @@
 """What both training scripts share: device and process set-up, the AdamW recipe (parameter groups, warmup + cosine),
-an exponential moving average of the weights, a training step replayed from a CUDA graph, checkpoints that survive
-interruption, and Ctrl-C handling.
+an exponential moving average of the weights, a training step replayed from a CUDA graph (with the gradient average
+across GPUs inside it, and its teardown), checkpoints that survive interruption, and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,20 +23,21 @@ NO_DECAY = ("A_log", "D", "gamma", "gamma1", "gamma2")      # SSM parameters and
 
 
 def setup(device: str | None) -> tuple[torch.device, int, int]:
-    """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) one NCCL process per GPU; otherwise `device`,
-    or CUDA when there is one. Warns that a CPU run is slow."""
+    """(device, rank, world size): `device`, or CUDA when there is one. Under torchrun (WORLD_SIZE > 1) one process
+    per GPU talking through NCCL — or, on CPUs, processes talking through Gloo. Warns that a CPU run is slow."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return torch.device("cuda", local), dist.get_rank(), world
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
-    if device.type == "cpu":
+    if device.type == "cpu" and int(os.environ.get("RANK", "0")) == 0:
         print("note: running on the CPU — this works, but is slow; use a GPU for real runs", flush=True)
-    return device, 0, 1
+    if world == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
 
 
 def fail(message: str, code: int = 2):
@@ -118,6 +121,46 @@ class GraphedStep:
                 captured.copy_(x)
         self.graph.replay()
         return self.outputs
+
+    def release(self) -> None:
+        """Free the graph (and with it what it captured: NCCL keeps a communicator alive while a graph that captured
+        one of its collectives exists)."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.graph, self.inputs, self.outputs = None, None, None
+
+
+@contextlib.contextmanager
+def teardown(step, world: int) -> Iterator[None]:
+    """On leaving the block, however it is left: the step's CUDA graph freed, then the process group destroyed. In
+    that order — destroying the group while a graph still held one of its collectives hung (measured, two H200s)."""
+    try:
+        yield
+    finally:
+        if isinstance(step, GraphedStep):
+            step.release()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def average_gradients(model: nn.Module, world: int) -> None:
+    """Each gradient replaced by its mean over the world's processes — what DistributedDataParallel does during the
+    backward — as one all-reduce of one flat buffer, after the backward, with no CPU-side bookkeeping, so that a CUDA
+    graph can capture it (DDP's own hooks could not be captured; see README)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])                     # one buffer: one collective
+    dist.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, [piece.view(g.shape) for piece, g in zip(flat.split([g.numel() for g in grads]),
+                                                                          grads)])
+
+
+def broadcast_(tensors: list[torch.Tensor], world: int) -> None:
+    """Every process's tensors set to rank 0's (in place): the same start, and the same BatchNorm statistics."""
+    if world > 1:
+        for t in tensors:
+            dist.broadcast(t, 0)
 
 
 def learning_rates_on(optimizer: torch.optim.Optimizer, device: torch.device | None) -> None:

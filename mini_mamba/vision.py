@@ -38,7 +38,7 @@ class VisionConfig:
     in_channels: int = 3
     num_classes: int = 100
     dims: tuple[int, ...] = (64, 128, 256, 512)     # width of stages 1-4
-    depths: tuple[int, ...] = (1, 3, 4, 2)          # blocks per stage
+    depths: tuple[int, ...] = (2, 4, 4, 2)          # blocks per stage
     stem_dim: int = 32
     d_state: int = 8
     d_conv: int = 3
@@ -51,7 +51,7 @@ class VisionConfig:
 
 SIZES = {
     "tiny": dict(dims=(32, 64, 128, 256), depths=(1, 2, 2, 2), drop_path=0.05),
-    "small": dict(dims=(64, 128, 256, 512), depths=(1, 3, 4, 2), drop_path=0.1),
+    "small": dict(dims=(64, 128, 256, 512), depths=(2, 4, 4, 2), drop_path=0.1),
     "base": dict(dims=(96, 192, 384, 768), depths=(1, 3, 8, 4), drop_path=0.2),
 }
 

@@ -14,7 +14,7 @@ import torch
 
 import train_cifar
 from mini_mamba import data
-from mini_mamba.training import EMA, GraphedStep
+from mini_mamba.training import EMA, GraphedStep, average_gradients, broadcast_
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,9 +104,43 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert all(torch.equal(good[name], kept[name]) for name in good)
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train_cifar.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+def run_script(*args: str, processes: int = 0) -> subprocess.CompletedProcess:
+    """train_cifar.py in a fresh interpreter; with processes=K under torchrun (K processes on this machine)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes else []
+    return subprocess.run([sys.executable, *launch, "train_cifar.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_two_processes_under_torchrun_train_together(tmp_path):
+    result = run_script(*SMOKE, "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path), processes=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["world_size"] == 2 and metrics["batch_size"] == 32   # 16 per process
+    assert result.stdout.count("test accuracy") == 3                 # rank 0 alone logs: 2 epochs and the end
+
+
+def _average_and_broadcast(rank: int, world: int, init: str) -> None:
+    """One process of the test below (module level, so that it can be spawned)."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    model.to(memory_format=torch.channels_last)                     # strided gradients, as MambaVision's
+    for p in model.parameters():
+        ramp = torch.arange(p.numel(), dtype=p.dtype).view(p.shape)
+        p.grad = (ramp * (rank + 1)).contiguous(memory_format=torch.channels_last if p.dim() == 4 else
+                                                 torch.contiguous_format)
+    average_gradients(model, world)
+    for p in model.parameters():                                    # mean of ramp · 1, ..., ramp · world
+        torch.testing.assert_close(p.grad, torch.arange(p.numel(), dtype=p.dtype).view(p.shape) * (world + 1) / 2)
+    tensors = [torch.full((4,), float(rank)), torch.full((2, 2), float(rank))]
+    broadcast_(tensors, world)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in tensors)  # rank 0's values everywhere
+    torch.distributed.destroy_process_group()
+
+
+def test_average_gradients_gives_every_process_the_mean_gradient_and_broadcast_rank_0s_tensors(tmp_path):
+    world = 3
+    torch.multiprocessing.spawn(_average_and_broadcast, args=(world, f"file://{tmp_path / 'rendezvous'}"),
+                                nprocs=world)
 
 
 def test_missing_cifar_is_a_message_not_a_traceback(tmp_path):
@@ -195,3 +229,13 @@ def test_smoke_run_with_cuda_graph(tmp_path):
                                 "--out", str(tmp_path)])               # 18 steps: 11 eager, then replays
     losses = [h["train_loss"] for h in metrics["history"]]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and 0.0 <= metrics["test_acc"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_cuda_graph_train_together(tmp_path):
+    result = run_script("--dataset", "synthetic", *TINY, "--batch-size", "16", "--epochs", "8", "--cuda-graph",
+                        "--out", str(tmp_path), processes=2)        # 3 steps an epoch: 11 eager, then replays
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["world_size"] == 2 and metrics["cuda_graph"]
+    assert all(math.isfinite(h["train_loss"]) for h in metrics["history"])
