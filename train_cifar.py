@@ -98,7 +98,8 @@ def main(argv=None) -> dict:
         resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
         args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,
-                                     "resume": True})                    # options newer than the run: defaults
+                                     "resume": True,                     # options newer than the run: defaults
+                                     "cuda_graph": args.cuda_graph})     # how to run the step, not the recipe
     device, rank, world = setup(args.device)
     if args.cuda_graph and device.type != "cuda":
         fail("--cuda-graph needs a CUDA GPU; leave it out on a CPU")

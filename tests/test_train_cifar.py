@@ -90,6 +90,19 @@ def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(
             assert torch.equal(straight[key][name], resumed[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_a_run_started_with_the_cuda_graph_resumes_on_a_cpu(tmp_path, monkeypatch):
+    # whether the step is replayed from a graph is how the run is executed, not part of its recipe: not restored
+    interrupt_at_step(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        train_cifar.main(SMOKE + ["--epochs", "1", "--out", str(tmp_path)])
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint["args"]["cuda_graph"] = True                          # as a GPU run (on by default there) saves it
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    metrics = train_cifar.main(["--resume", "--out", str(tmp_path)])
+    assert metrics["complete"] and not metrics["cuda_graph"]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     train_cifar.main(SMOKE + ["--epochs", "1", "--out", str(tmp_path)])
     good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
