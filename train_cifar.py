@@ -148,9 +148,11 @@ def main(argv=None) -> dict:
     # Several GPUs: DistributedDataParallel; with --cuda-graph, whose capture DDP's hooks fail (README), the step
     # averages the gradients itself with one all-reduce after the backward (average_gradients).
     ddp = world > 1 and not args.cuda_graph
-    device_ids = [device.index] if device.type == "cuda" else None
-    train_model = DistributedDataParallel(model, device_ids=device_ids) if ddp else model
-    broadcast_([*model.state_dict().values(), *(ema.model.state_dict().values() if ema else ())], world)  # as DDP
+    if ddp:                                                      # its constructor gives every rank rank 0's weights
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:                                                        # the same start on every rank, as DDP's
+        train_model = model
+        broadcast_([*model.state_dict().values(), *(ema.model.state_dict().values() if ema else ())], world)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                               cache_enabled=not args.cuda_graph)   # no cast cache inside a graph (PyTorch docs)
     eval_model = ema.model if ema is not None else model
