@@ -6,11 +6,12 @@ several with `torchrun --nproc_per_node=K train_cifar.py ...` (one process per G
     python train_cifar.py --resume                          # continue the run in --out exactly where it stopped
     python train_cifar.py --no-cuda-graph                   # the eager step (a GPU replays it from a CUDA graph)
 
-The recipe (defaults, no flags needed): MambaVision-small, 150 epochs of batch 256, AdamW (lr 2e-3 · √(batch / 512),
-weight decay 0.05 except on norms, biases, A_log, D and layer scales), linear warmup then cosine decay, label
-smoothing 0.1, gradient clipping at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and
-saved), random crop + flip + random erasing computed on the GPU (CutMix with --mix P, off by default), and at test
-time the average of each image's logits and its mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
+The recipe (defaults, no flags needed): MambaVision-small, 140 epochs of batch 256, SGD with Nesterov momentum 0.9
+(lr 0.1 · batch / 256, weight decay 5e-4 except on norms, biases, A_log, D and layer scales; --optimizer adamw: AdamW,
+lr 2e-3 · √(batch / 512), weight decay 0.05), linear warmup then cosine decay, label smoothing 0.1, gradient clipping
+at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip +
+random erasing computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each
+image's logits and its mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
 On a GPU the training step is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average
 their gradients with one all-reduce inside the graph (average_gradients), and without the graph through
 DistributedDataParallel.
@@ -45,13 +46,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="cifar100", choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's archive or files")
     p.add_argument("--model", default="small", choices=tuple(SIZES))
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=140)
     p.add_argument("--batch-size", type=int, default=256, help="batch per process (K GPUs: K × this per step)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 · √(global batch / 512))")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                   help="SGD with Nesterov momentum 0.9, or AdamW")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: SGD 0.1 · global batch / 256,\n"
+                        "AdamW 2e-3 · √(global batch / 512))")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: SGD 5e-4, AdamW 0.05")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="the last block's drop-path rate (default: the model size's)")
     p.add_argument("--warmup-epochs", type=float, default=3)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0 disables the EMA)")
+    p.add_argument("--crop-pad", type=int, default=4, help="random crops shift the image by up to this many pixels")
     p.add_argument("--erase-p", type=float, default=0.5, help="probability of random erasing per image")
     p.add_argument("--mix", type=float, default=0.0, help="probability of CutMix per batch (0: off)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
@@ -68,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         p.error("--epochs and --batch-size must be at least 1")
+    if args.crop_pad < 0:
+        p.error("--crop-pad must be at least 0")
     return args
 
 
@@ -97,6 +107,7 @@ def main(argv=None) -> dict:
             fail(f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
+        resumed["args"].setdefault("optimizer", "adamw")                 # runs saved before --optimizer used AdamW
         args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,
                                      "resume": True,                     # options newer than the run: defaults
                                      "cuda_graph": args.cuda_graph})     # how to run the step, not the recipe
@@ -122,12 +133,19 @@ def main(argv=None) -> dict:
         fail(f"the batch ({global_batch} images per step) is larger than the training set ({n_train} examples)")
 
     torch.manual_seed(args.seed)                                         # the same initial weights on every rank
-    model = build_model(args.model, channels, len(dataset.classes)).to(device, memory_format=torch.channels_last)
+    model = build_model(args.model, channels, len(dataset.classes), drop_path=args.drop_path
+                        ).to(device, memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, args.ema) if args.ema > 0 else None
-    lr = args.lr or 2e-3 * math.sqrt(global_batch / 512)             # square-root scaling for Adam
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda", capturable=args.cuda_graph)
+    fused = device.type == "cuda"
+    if args.optimizer == "adamw":
+        lr = args.lr or 2e-3 * math.sqrt(global_batch / 512)         # square-root scaling for Adam
+        groups = param_groups(model, 0.05 if args.weight_decay is None else args.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused, capturable=args.cuda_graph)
+    else:
+        lr = args.lr or 0.1 * global_batch / 256                     # linear scaling for SGD
+        groups = param_groups(model, 5e-4 if args.weight_decay is None else args.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused)
     lr_device = device if args.cuda_graph else None                 # a graphed step reads lr from a tensor
     learning_rates_on(optimizer, lr_device)
     steps_per_epoch = n_train // global_batch
@@ -177,7 +195,7 @@ def main(argv=None) -> dict:
 
     def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor, ema_weight: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One AdamW step on a batch whose images are the share lam their own and 1 - lam their predecessor's in the
+        """One optimizer step on a batch whose images are the share lam their own and 1 - lam their predecessor's in the
         batch (CutMix), then the EMA update; returns the loss and the number of correct predictions of the own
         labels (GPU scalars). GPU work only, so that --cuda-graph can capture it."""
         with autocast:
@@ -207,7 +225,9 @@ def main(argv=None) -> dict:
                        test_acc=history[-1]["test_acc"], **final, params=params,
                        train_time_s=state["train_time_s"],
                        images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
-                       batch_size=global_batch, lr=lr, erase_p=args.erase_p, mix=args.mix, tta=args.tta,
+                       batch_size=global_batch, optimizer=args.optimizer, lr=lr,
+                       weight_decay=groups[0]["weight_decay"], drop_path=model.config.drop_path,
+                       crop_pad=args.crop_pad, erase_p=args.erase_p, mix=args.mix, tta=args.tta,
                        cuda_graph=args.cuda_graph,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
@@ -229,7 +249,7 @@ def main(argv=None) -> dict:
             for i in range(first_step, len(batches)):
                 idx = batches[i]
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
-                images = data.augment(dataset.train_images[idx], mean, std, augment_rng, erase_p=args.erase_p)
+                images = data.augment(dataset.train_images[idx], mean, std, augment_rng, args.crop_pad, args.erase_p)
                 images, lam = data.cutmix(images, augment_rng, args.mix)
                 if ema is not None:
                     ema_weight.fill_(ema.weight(state["step"] + 1))

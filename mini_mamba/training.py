@@ -1,4 +1,4 @@
-"""What both training scripts share: device and process set-up, the AdamW recipe (parameter groups, warmup + cosine),
+"""What both training scripts share: device and process set-up, the optimizer's parameter groups, warmup + cosine,
 an exponential moving average of the weights, a training step replayed from a CUDA graph (with the gradient average
 across GPUs inside it, and its teardown), checkpoints that survive interruption, and Ctrl-C handling.
 
@@ -47,7 +47,8 @@ def fail(message: str, code: int = 2):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices and kernels only — none on norms, biases, A_log, D and layer scales."""
+    """Optimizer groups: weight decay on matrices and kernels only — none on norms, biases, A_log, D and layer
+    scales."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

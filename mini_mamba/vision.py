@@ -194,8 +194,12 @@ class MambaVision(nn.Module):
         return self.head(self.features(images).mean(dim=(2, 3)))
 
 
-def build_model(size: str, in_channels: int, num_classes: int) -> MambaVision:
-    """A named size of SIZES for images with in_channels channels and num_classes classes."""
+def build_model(size: str, in_channels: int, num_classes: int, drop_path: float | None = None) -> MambaVision:
+    """A named size of SIZES for images with in_channels channels and num_classes classes (and, if given, a
+    drop-path rate other than the size's)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(SIZES)}")
-    return MambaVision(VisionConfig(in_channels=in_channels, num_classes=num_classes, **SIZES[size]))
+    config = VisionConfig(in_channels=in_channels, num_classes=num_classes, **SIZES[size])
+    if drop_path is not None:
+        config.drop_path = drop_path
+    return MambaVision(config)

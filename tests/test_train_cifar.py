@@ -69,8 +69,10 @@ def interrupt_at_step(monkeypatch, step: int):
     monkeypatch.setattr(train_cifar.data, "augment", augment_then_interrupt)
 
 
-def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5"]     # CutMix draws are resumed exactly too
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])                # each one's state (momentum, moments) resumed
+def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, optimizer):
+    run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5",        # CutMix draws are resumed exactly too
+                   "--optimizer", optimizer]
     train_cifar.main(run + ["--out", str(tmp_path / "straight")])
 
     interrupt_at_step(monkeypatch, 2)                                # mid-epoch 1 (3 steps per epoch)
@@ -101,6 +103,18 @@ def test_a_run_started_with_the_cuda_graph_resumes_on_a_cpu(tmp_path, monkeypatc
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     metrics = train_cifar.main(["--resume", "--out", str(tmp_path)])
     assert metrics["complete"] and not metrics["cuda_graph"]
+
+
+def test_a_checkpoint_from_before_the_optimizer_option_resumes_with_adamw(tmp_path, monkeypatch):
+    interrupt_at_step(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        train_cifar.main(SMOKE + ["--epochs", "1", "--optimizer", "adamw", "--out", str(tmp_path)])
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del checkpoint["args"]["optimizer"]                               # as runs saved before the option was added
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    metrics = train_cifar.main(["--resume", "--out", str(tmp_path)])
+    assert metrics["complete"] and metrics["optimizer"] == "adamw"
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -237,11 +251,13 @@ def test_a_graphed_step_replays_the_eager_step_and_reads_its_tensors_at_each_rep
 
 
 @needs_cuda
-def test_smoke_run_with_cuda_graph(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_smoke_run_with_cuda_graph(tmp_path, optimizer):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "6", "--cuda-graph", "--device", "cuda",
-                                "--out", str(tmp_path)])               # 18 steps: 11 eager, then replays
+                                "--optimizer", optimizer, "--out", str(tmp_path)])   # 18 steps: 11 eager, then replays
     losses = [h["train_loss"] for h in metrics["history"]]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and 0.0 <= metrics["test_acc"] <= 1.0
+    assert losses[-1] < losses[0] and metrics["optimizer"] == optimizer
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
