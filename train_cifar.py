@@ -76,8 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         p.error("--epochs and --batch-size must be at least 1")
-    if args.crop_pad < 0:
-        p.error("--crop-pad must be at least 0")
+    if args.crop_pad < 0 or (args.weight_decay or 0) < 0:
+        p.error("--crop-pad and --weight-decay must be at least 0")
+    if args.drop_path is not None and not 0 <= args.drop_path < 1:
+        p.error("--drop-path must be in [0, 1)")
     return args
 
 

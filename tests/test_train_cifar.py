@@ -177,6 +177,16 @@ def test_missing_cifar_is_a_message_not_a_traceback(tmp_path):
     assert "error: no cifar-100-python.tar.gz" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flag", [["--epochs", "0"], ["--crop-pad", "-1"], ["--weight-decay", "-0.1"],
+                                  ["--drop-path", "1.0"], ["--optimizer", "lamb"]])
+def test_an_option_out_of_range_is_a_usage_message_not_a_traceback(flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train_cifar.parse_args(flag)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert flag[0] in err and "Traceback" not in err
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = run_script("--resume", "--out", str(tmp_path))
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
