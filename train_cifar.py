@@ -76,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         p.error("--epochs and --batch-size must be at least 1")
-    if args.crop_pad < 0 or (args.weight_decay or 0) < 0:
+    if args.weight_decay is None:
+        args.weight_decay = {"sgd": 5e-4, "adamw": 0.05}[args.optimizer]
+    if args.crop_pad < 0 or args.weight_decay < 0:
         p.error("--crop-pad and --weight-decay must be at least 0")
     if args.drop_path is not None and not 0 <= args.drop_path < 1:
         p.error("--drop-path must be in [0, 1)")
@@ -139,14 +141,12 @@ def main(argv=None) -> dict:
                         ).to(device, memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, args.ema) if args.ema > 0 else None
-    fused = device.type == "cuda"
+    groups, fused = param_groups(model, args.weight_decay), device.type == "cuda"
     if args.optimizer == "adamw":
         lr = args.lr or 2e-3 * math.sqrt(global_batch / 512)         # square-root scaling for Adam
-        groups = param_groups(model, 0.05 if args.weight_decay is None else args.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused, capturable=args.cuda_graph)
     else:
         lr = args.lr or 0.1 * global_batch / 256                     # linear scaling for SGD
-        groups = param_groups(model, 5e-4 if args.weight_decay is None else args.weight_decay)
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused)
     lr_device = device if args.cuda_graph else None                 # a graphed step reads lr from a tensor
     learning_rates_on(optimizer, lr_device)
@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
                        train_time_s=state["train_time_s"],
                        images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
                        batch_size=global_batch, optimizer=args.optimizer, lr=lr,
-                       weight_decay=groups[0]["weight_decay"], drop_path=model.config.drop_path,
+                       weight_decay=args.weight_decay, drop_path=model.config.drop_path,
                        crop_pad=args.crop_pad, erase_p=args.erase_p, mix=args.mix, tta=args.tta,
                        cuda_graph=args.cuda_graph,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
