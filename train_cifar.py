@@ -6,7 +6,7 @@ several with `torchrun --nproc_per_node=K train_cifar.py ...` (one process per G
     python train_cifar.py --resume                          # continue the run in --out exactly where it stopped
     python train_cifar.py --no-cuda-graph                   # the eager step (a GPU replays it from a CUDA graph)
 
-The recipe (defaults, no flags needed): MambaVision-small, 140 epochs of batch 256, SGD with Nesterov momentum 0.9
+The recipe (defaults, no flags needed): MambaVision-small, 230 epochs of batch 256, SGD with Nesterov momentum 0.9
 (lr 0.1 · batch / 256, weight decay 5e-4 except on norms, biases, A_log, D and layer scales; --optimizer adamw: AdamW,
 lr 2e-3 · √(batch / 512), weight decay 0.05), linear warmup then cosine decay, label smoothing 0.1, gradient clipping
 at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip +
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="cifar100", choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's archive or files")
     p.add_argument("--model", default="small", choices=tuple(SIZES))
-    p.add_argument("--epochs", type=int, default=140)
+    p.add_argument("--epochs", type=int, default=230)
     p.add_argument("--batch-size", type=int, default=256, help="batch per process (K GPUs: K × this per step)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
                    help="SGD with Nesterov momentum 0.9, or AdamW")
