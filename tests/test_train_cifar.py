@@ -92,28 +92,29 @@ def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(
             assert torch.equal(straight[key][name], resumed[key][name]), f"{key}.{name} differs after resume"
 
 
-def test_a_run_started_with_the_cuda_graph_resumes_on_a_cpu(tmp_path, monkeypatch):
-    # whether the step is replayed from a graph is how the run is executed, not part of its recipe: not restored
+def resume_with_saved_args_edited(tmp_path, monkeypatch, options: list[str], edit) -> dict:
+    """Interrupt a run with these options at its second step, apply edit to the args its checkpoint saved (as a run
+    from another machine or an older version would have saved them), then --resume it; returns its metrics."""
     interrupt_at_step(monkeypatch, 2)
     with pytest.raises(SystemExit):
-        train_cifar.main(SMOKE + ["--epochs", "1", "--out", str(tmp_path)])
+        train_cifar.main(SMOKE + ["--epochs", "1", *options, "--out", str(tmp_path)])
     monkeypatch.undo()
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    checkpoint["args"]["cuda_graph"] = True                          # as a GPU run (on by default there) saves it
+    edit(checkpoint["args"])
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    metrics = train_cifar.main(["--resume", "--out", str(tmp_path)])
+    return train_cifar.main(["--resume", "--out", str(tmp_path)])
+
+
+def test_a_run_started_with_the_cuda_graph_resumes_on_a_cpu(tmp_path, monkeypatch):
+    # whether the step is replayed from a graph is how the run is executed, not part of its recipe: not restored
+    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, [],          # as a GPU run (on by default) saves it
+                                            lambda args: args.update(cuda_graph=True))
     assert metrics["complete"] and not metrics["cuda_graph"]
 
 
 def test_a_checkpoint_from_before_the_optimizer_option_resumes_with_adamw(tmp_path, monkeypatch):
-    interrupt_at_step(monkeypatch, 2)
-    with pytest.raises(SystemExit):
-        train_cifar.main(SMOKE + ["--epochs", "1", "--optimizer", "adamw", "--out", str(tmp_path)])
-    monkeypatch.undo()
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    del checkpoint["args"]["optimizer"]                               # as runs saved before the option was added
-    torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    metrics = train_cifar.main(["--resume", "--out", str(tmp_path)])
+    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--optimizer", "adamw"],
+                                            lambda args: args.pop("optimizer"))  # saved before the option existed
     assert metrics["complete"] and metrics["optimizer"] == "adamw"
 
 
