@@ -264,11 +264,12 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-            pad: int = 4, erase_p: float = 0.5) -> torch.Tensor:
+            pad: int = 4, erase_p: float = 0.5, erase_fill: str = "mean") -> torch.Tensor:
     """The training augmentation of uint8 images (b, c, h, w), on whatever device they live, -> normalised floats:
     a random crop of the image padded by `pad` black pixels (a shift of up to ±pad), a horizontal flip with
     probability ½, and random erasing (Zhong et al. 2017): with probability erase_p, a rectangle of 2-40% of the area
-    with aspect ratio 0.3-3.3 is set to 0 (the mean)."""
+    with aspect ratio 0.3-3.3 is set to the mean (erase_fill "mean": 0 once normalised) or to random pixels, each
+    uniform in [0, 255] like the paper's RE-R ("random")."""
     b, c, h, w = images.shape
     dev = images.device
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
@@ -288,7 +289,11 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generat
     inside = ((y >= top[:, None, None]) & (y < (top + eh)[:, None, None]) &
               (x >= left[:, None, None]) & (x < (left + ew)[:, None, None]))    # (b, h, w)
     erase = inside & (rand(b) < erase_p)[:, None, None]
-    return normalize(crops, mean, std).masked_fill(erase[:, None], 0.0)
+    out = normalize(crops, mean, std)
+    if erase_fill == "random":
+        noise = (rand(*out.shape) - mean[:, None, None]) / std[:, None, None]   # uniform pixels, normalised
+        return torch.where(erase[:, None], noise, out)
+    return out.masked_fill(erase[:, None], 0.0)
 
 
 def cutmix(images: torch.Tensor, generator: torch.Generator, p: float) -> tuple[torch.Tensor, torch.Tensor]:

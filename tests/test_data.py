@@ -206,6 +206,28 @@ def test_augment_is_reproducible_and_shifts_and_erases():
     assert not torch.equal(a, data.normalize(images, mean, std))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), channels=st.sampled_from([1, 3]))
+def test_random_erasing_fills_one_rectangle_with_random_pixels_and_leaves_the_rest(seed, channels):
+    images = torch.randint(0, 256, (8, channels, 12, 12), dtype=torch.uint8)
+    mean, std = torch.full((channels,), 0.4), torch.full((channels,), 0.3)
+    augment = lambda fill: data.augment(images, mean, std, torch.Generator().manual_seed(seed), pad=2, erase_p=1.0,
+                                        erase_fill=fill)
+    by_mean, by_noise = augment("mean"), augment("random")       # the same draws: same crops, flips and rectangles
+    changed = by_noise != by_mean                                 # (b, c, h, w)
+    assert torch.equal(by_noise[~changed], by_mean[~changed]) and (by_mean[changed] == 0).all()
+    lowest, highest = (0 - mean[0]) / std[0], (1 - mean[0]) / std[0]
+    assert by_noise[changed].min() >= lowest and by_noise[changed].max() <= highest   # pixel values in [0, 255]
+    assert changed.any()
+    for image in changed:                                         # one rectangle, through every channel
+        assert (image == image[0]).all()
+        rows, cols = image[0].any(1).nonzero().flatten(), image[0].any(0).nonzero().flatten()
+        if rows.numel() == 0:                                     # a rectangle under a pixel wide can miss them all
+            continue
+        box = image[0, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all() and image[0].sum() == box.numel()
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), channels=st.sampled_from([1, 3]), p=st.sampled_from([0.0, 0.5, 1.0]))
 def test_cutmix_pastes_one_rectangle_from_the_previous_image_and_reports_its_share(seed, channels, p):
