@@ -22,14 +22,16 @@ TINY = ["--model", "tiny", "--limit", "96", "--batch-size", "32"]
 SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu"]        # on the CPU: bit-exact, for resume and NaN
 
 
-def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path):
+@pytest.mark.parametrize("erase_fill", ["mean", "random"])
+def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path, erase_fill):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "1", "--device", DEVICE.type,
-                                "--out", str(tmp_path)])
+                                "--erase-fill", erase_fill, "--out", str(tmp_path)])
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("dataset", "epochs", "test_acc", "params", "train_time_s", "images_per_s"):
         assert key in written
     assert written["complete"] and written["dataset"] == "synthetic" and 0.0 <= written["test_acc"] <= 1.0
-    assert written["test_acc"] == metrics["test_acc"] and written["params"] > 0
+    assert written["test_acc"] == metrics["test_acc"] and written["params"] > 0 and written["erase_fill"] == erase_fill
+    assert written["cuda_graph"] == written["compile"] == (DEVICE.type == "cuda")     # on by default on a GPU only
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert saved["size"] == "tiny" and len(saved["classes"]) == 10
 
@@ -215,9 +217,10 @@ def test_the_ema_moves_each_weight_its_share_towards_the_live_one_and_copies_buf
         assert torch.equal(new, live)
 
 
-def test_cuda_graph_on_a_cpu_is_a_clear_error(tmp_path):
-    result = run_script(*SMOKE, "--epochs", "1", "--cuda-graph", "--out", str(tmp_path))
-    assert result.returncode == 2 and "--cuda-graph needs a CUDA GPU" in result.stderr
+@pytest.mark.parametrize("flag", ["--cuda-graph", "--compile"])
+def test_gpu_only_options_on_a_cpu_are_a_clear_error(tmp_path, flag):
+    result = run_script(*SMOKE, "--epochs", "1", flag, "--out", str(tmp_path))
+    assert result.returncode == 2 and f"{flag} needs a CUDA GPU" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -262,20 +265,24 @@ def test_a_graphed_step_replays_the_eager_step_and_reads_its_tensors_at_each_rep
 
 
 @needs_cuda
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_smoke_run_with_cuda_graph(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, compile",
+                         [("sgd", "--no-compile"), ("adamw", "--no-compile"), ("sgd", "--compile")])
+def test_smoke_run_with_cuda_graph(tmp_path, optimizer, compile):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "6", "--cuda-graph", "--device", "cuda",
-                                "--optimizer", optimizer, "--out", str(tmp_path)])   # 18 steps: 11 eager, then replays
-    losses = [h["train_loss"] for h in metrics["history"]]
+                                "--optimizer", optimizer, compile, "--out", str(tmp_path)])    # 18 steps: 11 eager,
+    losses = [h["train_loss"] for h in metrics["history"]]                                     # then replays
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and 0.0 <= metrics["test_acc"] <= 1.0
     assert losses[-1] < losses[0] and metrics["optimizer"] == optimizer
+    assert metrics["compile"] == (compile == "--compile")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_two_gpus_with_cuda_graph_train_together(tmp_path):
-    result = run_script("--dataset", "synthetic", *TINY, "--batch-size", "16", "--epochs", "8", "--cuda-graph",
+@pytest.mark.parametrize("graph", ["--cuda-graph", "--no-cuda-graph"])     # all-reduce in the graph, or DDP
+def test_two_gpus_train_together(tmp_path, graph):
+    result = run_script("--dataset", "synthetic", *TINY, "--batch-size", "16", "--epochs", "8", graph,
                         "--out", str(tmp_path), processes=2)        # 3 steps an epoch: 11 eager, then replays
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["complete"] and metrics["world_size"] == 2 and metrics["cuda_graph"]
+    assert metrics["complete"] and metrics["world_size"] == 2 and metrics["cuda_graph"] == (graph == "--cuda-graph")
+    assert metrics["compile"]                                        # the default on a GPU
     assert all(math.isfinite(h["train_loss"]) for h in metrics["history"])
