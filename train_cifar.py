@@ -18,7 +18,8 @@ is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then a
 their gradients with one all-reduce inside the graph (average_gradients), and without the graph through
 DistributedDataParallel.
 
-Writes OUT/checkpoint.pt (each epoch and on Ctrl-C), OUT/model.pt (the EMA weights and config) and OUT/metrics.json.
+Writes OUT/checkpoint.pt (each epoch, on a background thread, and on Ctrl-C), OUT/model.pt (the EMA weights and
+config) and OUT/metrics.json.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mini_mamba import data
-from mini_mamba.training import (EMA, GraphedStep, StopRequest, agree, average_gradients, broadcast_, fail,
-                                 learning_rates_on, param_groups, save_atomic, setup, teardown, warmup_cosine)
+from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, broadcast_,
+                                 fail, learning_rates_on, param_groups, setup, teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -195,9 +196,11 @@ def main(argv=None) -> dict:
     if args.compile:
         log("torch.compile: the first steps compile the model, about a minute (--no-compile: the model as written)")
 
+    writer = CheckpointWriter()
+
     def save_checkpoint():
-        if main_process:
-            save_atomic(dict(model=model.state_dict(), ema=ema.model.state_dict() if ema else None,
+        if main_process:                                         # written in the background (CheckpointWriter)
+            writer.save(dict(model=model.state_dict(), ema=ema.model.state_dict() if ema else None,
                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), state=state,
                              args=vars(args)), checkpoint_path)
 
@@ -251,7 +254,7 @@ def main(argv=None) -> dict:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
-    with StopRequest() as stop, teardown(step_fn, world):
+    with StopRequest() as stop, teardown(step_fn, world), writer:    # leaving: the last checkpoint on disk
         while state["epoch"] < args.epochs:
             epoch = state["epoch"]
             order = torch.Generator().manual_seed(args.seed * 10007 + epoch)        # the same on every rank

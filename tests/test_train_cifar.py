@@ -14,7 +14,7 @@ import torch
 
 import train_cifar
 from mini_mamba import data
-from mini_mamba.training import EMA, GraphedStep, average_gradients, broadcast_
+from mini_mamba.training import EMA, CheckpointWriter, GraphedStep, average_gradients, broadcast_
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,6 +215,34 @@ def test_the_ema_moves_each_weight_its_share_towards_the_live_one_and_copies_buf
         torch.testing.assert_close(new, old + weight * (live - old))
     for new, live in zip(ema.model.buffers(), model.buffers()):
         assert torch.equal(new, live)
+
+
+def test_the_checkpoint_writer_saves_what_there_was_when_asked_though_training_goes_on(tmp_path):
+    weights, history = torch.arange(6.0, device=DEVICE), [0.5]
+    with CheckpointWriter() as writer:
+        writer.save(dict(weights=weights, history=history, step=3), tmp_path / "first.pt")
+        weights.add_(100)                                            # the next steps change them in place
+        history.append(0.75)
+        writer.save(dict(weights=weights, history=history, step=4), tmp_path / "second.pt")
+    first, second = (torch.load(tmp_path / name, weights_only=False) for name in ("first.pt", "second.pt"))
+    assert torch.equal(first["weights"], torch.arange(6.0)) and first["history"] == [0.5] and first["step"] == 3
+    assert torch.equal(second["weights"], torch.arange(6.0) + 100) and second["history"] == [0.5, 0.75]
+    assert first["weights"].device.type == "cpu" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpointed_state_dict_keeps_its_type_and_version_metadata(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(DEVICE)
+    with CheckpointWriter() as writer:
+        writer.save({"model": model.state_dict()}, tmp_path / "checkpoint.pt")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert type(saved) is type(model.state_dict()) and saved._metadata == model.state_dict()._metadata
+    assert all(torch.equal(saved[name], tensor.cpu()) for name, tensor in model.state_dict().items())
+
+
+def test_a_failed_checkpoint_write_is_raised_not_lost(tmp_path):
+    with pytest.raises(RuntimeError, match="no such folder does not exist"):   # torch.save's own error
+        with CheckpointWriter() as writer:
+            writer.save({"step": 1}, tmp_path / "no such folder" / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("flag", ["--cuda-graph", "--compile"])
