@@ -183,8 +183,6 @@ def main(argv=None) -> dict:
     else:                                                        # the same start on every rank, as DDP's
         train_model = model
         broadcast_([*model.state_dict().values(), *(ema.model.state_dict().values() if ema else ())], world)
-    if args.compile:                                             # compiled on the first step (weights stay shared)
-        train_model = torch.compile(train_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                               cache_enabled=not args.cuda_graph)   # no cast cache inside a graph (PyTorch docs)
     eval_model = ema.model if ema is not None else model
@@ -193,7 +191,8 @@ def main(argv=None) -> dict:
     log(f"MambaVision-{args.model} ({params / 1e6:.2f}M parameters) on {args.dataset} "
         f"({n_train} train / {len(dataset.test_images)} test, {channels}×{size}×{size}), {world} × {device.type}, "
         f"batch {global_batch}, {args.epochs} epochs, lr {lr:g}")
-    if args.compile:
+    if args.compile:                                             # compiled on the first step (weights stay shared)
+        train_model = torch.compile(train_model)
         log("torch.compile: the first steps compile the model, about a minute (--no-compile: the model as written)")
 
     writer = CheckpointWriter()
@@ -246,8 +245,7 @@ def main(argv=None) -> dict:
                        batch_size=global_batch, optimizer=args.optimizer, lr=lr,
                        weight_decay=args.weight_decay, drop_path=model.config.drop_path,
                        crop_pad=args.crop_pad, erase_p=args.erase_p, erase_fill=args.erase_fill, mix=args.mix,
-                       tta=args.tta,
-                       cuda_graph=args.cuda_graph, compile=args.compile,
+                       tta=args.tta, cuda_graph=args.cuda_graph, compile=args.compile,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
         if main_process:
