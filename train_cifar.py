@@ -14,9 +14,8 @@ at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated
 random erasing computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each
 image's logits and its mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
 On a GPU the model is trained through torch.compile (its many small elementwise kernels fused) and the training step
-is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average
-their gradients with one all-reduce inside the graph (average_gradients), and without the graph through
-DistributedDataParallel.
+is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average their gradients with one
+all-reduce inside the graph (average_gradients), and without the graph through DistributedDataParallel.
 
 Writes OUT/checkpoint.pt (each epoch, on a background thread, and on Ctrl-C), OUT/model.pt (the EMA weights and
 config) and OUT/metrics.json.
@@ -267,7 +266,7 @@ def main(argv=None) -> dict:
                 idx = batches[i]
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
                 images = data.augment(dataset.train_images[idx], mean, std, augment_rng, args.crop_pad, args.erase_p,
-                                   args.erase_fill)
+                                      args.erase_fill)
                 images, lam = data.cutmix(images, augment_rng, args.mix)
                 if ema is not None:
                     ema_weight.fill_(ema.weight(state["step"] + 1))
