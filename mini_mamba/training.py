@@ -200,8 +200,8 @@ def to_cpu(obj):
 class CheckpointWriter:
     """save_atomic on a background thread, so that training goes on while a checkpoint is written (MambaVision-small's
     is 140 MB: a quarter of a second of torch.save on a CPU machine). save() takes a CPU snapshot first, then waits
-    for the previous write; wait() — also on leaving the `with` block, however it is left — returns once the last
-    write is on disk, and raises what a write raised."""
+    for the previous write; wait() — also on leaving the `with` block, however it is left, which then ends the
+    writer's thread — returns once the last write is on disk, and raises what a write raised."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(max_workers=1)
@@ -221,7 +221,10 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 class StopRequest:

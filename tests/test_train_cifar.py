@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,14 @@ def test_a_checkpointed_state_dict_keeps_its_type_and_version_metadata(tmp_path)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert type(saved) is type(model.state_dict()) and saved._metadata == model.state_dict()._metadata
     assert all(torch.equal(saved[name], tensor.cpu()) for name, tensor in model.state_dict().items())
+
+
+def test_the_checkpoint_writer_thread_ends_with_its_block(tmp_path):
+    before = set(threading.enumerate())
+    with CheckpointWriter() as writer:
+        writer.save({"step": 1}, tmp_path / "checkpoint.pt")
+        started = set(threading.enumerate()) - before
+    assert started and not any(thread.is_alive() for thread in started)
 
 
 def test_a_failed_checkpoint_write_is_raised_not_lost(tmp_path):
