@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from mini_mamba import data
 from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, broadcast_,
-                                 fail, learning_rates_on, param_groups, setup, teardown, warmup_cosine)
+                                 fail, learning_rates_on, param_groups, save_atomic, setup, teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -320,9 +320,9 @@ def main(argv=None) -> dict:
         test_acc_raw = evaluate(model, *test_set, args.tta)
         metrics = write_metrics(test_acc_raw=test_acc_raw, test_acc_no_flip=evaluate(eval_model, *test_set, False))
         if main_process:
-            torch.save(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
-                            dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"],
-                            mean=mean.cpu(), std=std.cpu()), out / "model.pt")
+            save_atomic(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
+                             dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"],
+                             mean=mean.cpu(), std=std.cpu()), out / "model.pt")
             log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}; EMA without the "
                 f"test-time flip {metrics['test_acc_no_flip']:.4f}) after {args.epochs} epochs, "
                 f"{metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
