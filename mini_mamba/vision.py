@@ -17,6 +17,9 @@ Adaptations to 32×32 (CIFAR) and 28×28 (Fashion-MNIST) inputs, where the paper
       image location and the scan reads the map in raster order, as the paper does inside a window.
     - Widths and depths are smaller (SIZES), with head dimension 32 and the mixer's d_state 8, d_conv 3, expand 1 as
       in the paper.
+    - Every γ starts at 0.1. The official code has no γ in its T and S models and starts the B and L models'
+      token-block γ at 1e-5; under our SGD recipe a branch's gradient is scaled by its γ, so from 1e-5 the blocks
+      learn slowly at first. From 0.1 the default Fashion-MNIST run gains about 0.1 points over 1e-5 (README).
 
 Glossary: b batch, c channels (width of the stage), h, w the feature map, l = h·w tokens, d_inner the mixer's width.
 """
@@ -46,7 +49,7 @@ class VisionConfig:
     mlp_ratio: int = 4
     head_dim: int = 32
     drop_path: float = 0.1                          # the last block's drop-path rate; earlier ones scale linearly
-    layer_scale: float = 1e-5                       # γ's initial value
+    layer_scale: float = 0.1                        # γ's initial value (see the adaptations above)
 
 
 SIZES = {
