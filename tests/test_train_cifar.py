@@ -26,12 +26,13 @@ SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu"]        # on the CPU
 @pytest.mark.parametrize("erase_fill", ["mean", "random"])
 def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path, erase_fill):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "1", "--device", DEVICE.type,
-                                "--erase-fill", erase_fill, "--out", str(tmp_path)])
+                                "--erase-fill", erase_fill, "--seed", "3", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("dataset", "epochs", "test_acc", "params", "train_time_s", "images_per_s"):
         assert key in written
     assert written["complete"] and written["dataset"] == "synthetic" and 0.0 <= written["test_acc"] <= 1.0
     assert written["test_acc"] == metrics["test_acc"] and written["params"] > 0 and written["erase_fill"] == erase_fill
+    assert written["seed"] == 3                                     # the runs' accuracy moves with it: recorded
     assert written["cuda_graph"] == written["compile"] == (DEVICE.type == "cuda")     # on by default on a GPU only
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert saved["size"] == "tiny" and len(saved["classes"]) == 10
