@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train through torch.compile(model): fused elementwise kernels, the step 1.5x faster on an\n"
                         "H200 (README) after about a minute of compiling (default: on with a GPU, off on a CPU)")
     p.add_argument("--seed", type=int, default=0,
-                   help="initial weights, data order, augmentation (recorded in metrics.json: on Fashion-MNIST the\n"
-                        "final accuracy moves by about 0.2 points from one seed to another, README)")
+                   help="initial weights, data order, augmentation (recorded in metrics.json; on Fashion-MNIST the\n"
+                        "final accuracy moves by about 0.2 points between seeds, and a GPU run does not repeat bit for\n"
+                        "bit: README)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--out", default="runs/cifar")
