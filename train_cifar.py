@@ -12,7 +12,8 @@ The recipe (defaults, no flags needed): MambaVision-small, 300 epochs of batch 2
 lr 2e-3 · √(batch / 512), weight decay 0.05), linear warmup then cosine decay, label smoothing 0.1, gradient clipping
 at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip +
 random erasing computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each
-image's logits and its mirror image's (--no-tta: off). The whole dataset is a GPU tensor.
+image's logits and its mirror image's (--no-tta: off). --sam-epochs N: the last N epochs step with sharpness-aware
+minimization (off by default; README). The whole dataset is a GPU tensor.
 On a GPU the model is trained through torch.compile (its many small elementwise kernels fused) and the training step
 is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average their gradients with one
 all-reduce inside the graph (average_gradients), and without the graph through DistributedDataParallel.
@@ -23,6 +24,7 @@ config) and OUT/metrics.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -37,7 +39,8 @@ from tqdm import tqdm
 
 from mini_mamba import data
 from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, broadcast_,
-                                 fail, learning_rates_on, param_groups, save_atomic, setup, teardown, warmup_cosine)
+                                 fail, learning_rates_on, param_groups, save_atomic, setup, sharpness_aware, teardown,
+                                 warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -67,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what an erased rectangle holds: the mean, or random pixels (the paper's RE-R)")
     p.add_argument("--mix", type=float, default=0.0, help="probability of CutMix per batch (0: off)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--sam-epochs", type=int, default=0,
+                   help="the last N epochs step with sharpness-aware minimization (SAM): each step's gradient is\n"
+                        "taken at the weights moved --sam-rho up the loss; two forward/backward passes a step")
+    p.add_argument("--sam-rho", type=float, default=0.05, help="SAM's radius ρ")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -90,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.weight_decay = {"sgd": 5e-4, "adamw": 0.05}[args.optimizer]
     if args.crop_pad < 0 or args.weight_decay < 0:
         p.error("--crop-pad and --weight-decay must be at least 0")
+    if not 0 <= args.sam_epochs <= args.epochs or args.sam_rho <= 0:
+        p.error("--sam-epochs must be in [0, --epochs] and --sam-rho above 0")
     if args.drop_path is not None and not 0 <= args.drop_path < 1:
         p.error("--drop-path must be in [0, 1)")
     return args
@@ -212,17 +221,27 @@ def main(argv=None) -> dict:
         augment_rng.manual_seed(seed)
         torch.manual_seed(seed)
 
-    def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor, ema_weight: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch whose images are the share lam their own and 1 - lam their predecessor's in the
-        batch (CutMix), then the EMA update; returns the loss and the number of correct predictions of the own
-        labels (GPU scalars). GPU work only, so that --cuda-graph can capture it."""
+    def backward(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss on a batch whose images are the share lam their own and 1 - lam their predecessor's in the batch
+        (CutMix), its gradient left in .grad; returns the loss and the logits."""
         with autocast:
             logits = train_model(images.contiguous(memory_format=torch.channels_last))
         loss_on = lambda y: F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
         loss = loss_on(labels) if args.mix == 0 else lam * loss_on(labels) + (1 - lam) * loss_on(labels.roll(1, 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss, logits
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor, ema_weight: torch.Tensor,
+                   sam: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step — with sam, on the gradient taken again at the weights moved up the loss (each process
+        its own ascent, as the SAM paper's per-accelerator batches) — then the EMA update; returns the loss and the
+        number of correct predictions of the own labels (GPU scalars). GPU work only, so that --cuda-graph can
+        capture it."""
+        loss, logits = backward(images, labels, lam)
+        if sam:
+            with sharpness_aware(model, args.sam_rho):
+                backward(images, labels, lam)
         if world > 1 and not ddp:
             average_gradients(model, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -231,7 +250,9 @@ def main(argv=None) -> dict:
             ema.update(model, ema_weight)
         return loss.detach(), (logits.argmax(-1) == labels).sum()
 
-    step_fn = GraphedStep(train_step) if args.cuda_graph else train_step
+    steps = [functools.partial(train_step, sam=sam) for sam in (False, True)]    # SGD's step, SAM's step
+    if args.cuda_graph:
+        steps = [GraphedStep(step) for step in steps]                   # each captured when first needed
     ema_weight = torch.zeros((), device=device)
 
     def write_metrics(**final) -> dict:
@@ -247,6 +268,7 @@ def main(argv=None) -> dict:
                        batch_size=global_batch, optimizer=args.optimizer, lr=lr,
                        weight_decay=args.weight_decay, drop_path=model.config.drop_path,
                        crop_pad=args.crop_pad, erase_p=args.erase_p, erase_fill=args.erase_fill, mix=args.mix,
+                       sam_epochs=args.sam_epochs, sam_rho=args.sam_rho,
                        tta=args.tta, seed=args.seed, cuda_graph=args.cuda_graph, compile=args.compile,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
@@ -254,7 +276,7 @@ def main(argv=None) -> dict:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
-    with StopRequest() as stop, teardown(step_fn, world), writer:    # leaving: the last checkpoint on disk
+    with StopRequest() as stop, teardown(steps, world), writer:    # leaving: the last checkpoint on disk
         while state["epoch"] < args.epochs:
             epoch = state["epoch"]
             order = torch.Generator().manual_seed(args.seed * 10007 + epoch)        # the same on every rank
@@ -265,6 +287,7 @@ def main(argv=None) -> dict:
                        disable=not main_process, dynamic_ncols=True)
             started, images_before = time.perf_counter(), state["images"]
             first_step = state["step_in_epoch"]
+            step_fn = steps[epoch >= args.epochs - args.sam_epochs]
             for i in range(first_step, len(batches)):
                 idx = batches[i]
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path

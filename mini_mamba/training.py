@@ -1,6 +1,6 @@
 """What both training scripts share: device and process set-up, the optimizer's parameter groups, warmup + cosine,
-an exponential moving average of the weights, a training step replayed from a CUDA graph (with the gradient average
-across GPUs inside it, and its teardown), checkpoints that survive interruption (written while training goes on),
+an exponential moving average of the weights, sharpness-aware minimization's ascent step, a training step replayed from
+a CUDA graph (with the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption (written while training goes on),
 and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
@@ -92,6 +92,26 @@ class EMA:
             torch._foreach_copy_(buffers, list(model.buffers()))
 
 
+@contextlib.contextmanager
+def sharpness_aware(model: nn.Module, rho: float) -> Iterator[None]:
+    """SAM (Foret et al. 2021, eq. 2): inside the block the weights are w + ε, ε = ρ · g / ‖g‖ with g the gradient now
+    in .grad — the steepest ascent of the loss within radius ρ — so that a backward pass there gives SAM's gradient
+    ∇L(w + ε). On leaving, the weights are w again, exactly (the new gradient stays in .grad for the optimizer), and
+    so are the buffers (BatchNorm's running statistics count the pass at w, not the one at w + ε). GPU work only:
+    a CUDA graph can capture it."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    saved = [t.detach().clone() for t in (*params, *model.buffers())]
+    with torch.no_grad():
+        torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_([*params, *model.buffers()], saved)
+
+
 class GraphedStep:
     """A training step replayed from a CUDA graph (PyTorch's "CUDA Graphs" notes, whole-network capture): the GPU runs
     the same kernels, but the CPU no longer launches each of them (about a thousand per MambaVision step). The first
@@ -135,14 +155,15 @@ class GraphedStep:
 
 
 @contextlib.contextmanager
-def teardown(step, world: int) -> Iterator[None]:
-    """On leaving the block, however it is left: the step's CUDA graph freed, then the process group destroyed. In
+def teardown(steps, world: int) -> Iterator[None]:
+    """On leaving the block, however it is left: the steps' CUDA graphs freed, then the process group destroyed. In
     that order — destroying the group while a graph still held one of its collectives hung (measured, two H200s)."""
     try:
         yield
     finally:
-        if isinstance(step, GraphedStep):
-            step.release()
+        for step in steps:
+            if isinstance(step, GraphedStep):
+                step.release()
         if world > 1:
             dist.destroy_process_group()
 

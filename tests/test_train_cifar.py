@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import train_cifar
 from mini_mamba import data
-from mini_mamba.training import EMA, CheckpointWriter, GraphedStep, average_gradients, broadcast_
+from mini_mamba.training import EMA, CheckpointWriter, GraphedStep, average_gradients, broadcast_, sharpness_aware
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,18 +74,20 @@ def interrupt_at_step(monkeypatch, step: int):
     monkeypatch.setattr(train_cifar.data, "augment", augment_then_interrupt)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])                # each one's state (momentum, moments) resumed
-def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, optimizer):
-    run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5",        # CutMix draws are resumed exactly too
-                   "--optimizer", optimizer]
+@pytest.mark.parametrize("options, step", [(["--optimizer", "sgd"], 2),   # mid-epoch 1 of 2 (3 steps per epoch);
+                                           (["--optimizer", "adamw"], 2),  # each optimizer's state resumed
+                                           (["--sam-epochs", "1"], 2),     # before SAM's last epoch, and
+                                           (["--sam-epochs", "1"], 5)])    # in the middle of it
+def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, options, step):
+    run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5", *options]  # CutMix draws are resumed exactly too
     train_cifar.main(run + ["--out", str(tmp_path / "straight")])
 
-    interrupt_at_step(monkeypatch, 2)                                # mid-epoch 1 (3 steps per epoch)
+    interrupt_at_step(monkeypatch, step)
     with pytest.raises(SystemExit) as stopped:
         train_cifar.main(run + ["--out", str(tmp_path / "resumed")])
     assert stopped.value.code == 130
     saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
-    assert saved["state"]["epoch"] == 0 and 0 < saved["state"]["step_in_epoch"] < 3
+    assert saved["state"]["epoch"] == (step - 1) // 3 and 0 < saved["state"]["step_in_epoch"] < 3
     monkeypatch.undo()
     train_cifar.main(["--resume", "--out", str(tmp_path / "resumed")])      # device and recipe from the checkpoint
 
@@ -183,13 +186,60 @@ def test_missing_cifar_is_a_message_not_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--epochs", "0"], ["--crop-pad", "-1"], ["--weight-decay", "-0.1"],
-                                  ["--drop-path", "1.0"], ["--optimizer", "lamb"]])
+                                  ["--drop-path", "1.0"], ["--optimizer", "lamb"], ["--sam-epochs", "301"],
+                                  ["--sam-epochs", "-1"], ["--sam-rho", "0"]])
 def test_an_option_out_of_range_is_a_usage_message_not_a_traceback(flag, capsys):
     with pytest.raises(SystemExit) as stopped:
         train_cifar.parse_args(flag)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert flag[0] in err and "Traceback" not in err
+
+
+class Quadratic(torch.nn.Module):
+    """loss(w) = ½ wᵀ H w, whose gradient is H w; each forward pass also counts itself in a buffer, as BatchNorm's
+    num_batches_tracked does."""
+
+    def __init__(self, w: torch.Tensor, H: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone())
+        self.register_buffer("H", H)
+        self.register_buffer("passes", torch.zeros((), dtype=torch.long))
+
+    def forward(self) -> torch.Tensor:
+        self.passes += 1
+        return 0.5 * self.w @ self.H @ self.w
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), rho=st.floats(1e-3, 1.0), seed=st.integers(0, 2 ** 31))
+def test_sam_takes_the_gradient_at_the_weights_moved_rho_along_the_gradient_then_puts_them_back(n, rho, seed):
+    generator = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    H, w = M @ M.T + torch.eye(n, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)
+    model = Quadratic(w, H)
+    model().backward()
+    g = H @ w
+    assert torch.allclose(model.w.grad, g)
+    with sharpness_aware(model, rho):
+        epsilon = model.w.detach() - w
+        assert torch.allclose(epsilon, rho * g / g.norm())                   # the steepest ascent of radius rho
+        model.w.grad = None
+        model().backward()
+    assert torch.equal(model.w.detach(), w) and model.passes.item() == 1     # w and the buffers as they were
+    assert torch.allclose(model.w.grad, H @ (w + epsilon))                   # SAM's gradient is kept
+
+
+def test_sam_steps_exactly_in_the_last_sam_epochs(tmp_path, monkeypatch):
+    ascents = []
+    def counted(model, rho):
+        ascents.append(rho)
+        return sharpness_aware(model, rho)
+    monkeypatch.setattr(train_cifar, "sharpness_aware", counted)
+    metrics = train_cifar.main(SMOKE + ["--epochs", "3", "--sam-epochs", "1", "--sam-rho", "0.2",
+                                        "--out", str(tmp_path)])
+    assert ascents == [0.2] * 3                                              # 3 steps an epoch: the last epoch's
+    assert metrics["sam_epochs"] == 1 and metrics["sam_rho"] == 0.2
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -303,11 +353,13 @@ def test_a_graphed_step_replays_the_eager_step_and_reads_its_tensors_at_each_rep
 
 
 @needs_cuda
-@pytest.mark.parametrize("optimizer, compile",
-                         [("sgd", "--no-compile"), ("adamw", "--no-compile"), ("sgd", "--compile")])
-def test_smoke_run_with_cuda_graph(tmp_path, optimizer, compile):
+@pytest.mark.parametrize("optimizer, compile, sam",      # SAM: its own graph, captured after 11 more eager steps
+                         [("sgd", "--no-compile", "0"), ("adamw", "--no-compile", "0"), ("sgd", "--compile", "0"),
+                          ("sgd", "--compile", "6")])
+def test_smoke_run_with_cuda_graph(tmp_path, optimizer, compile, sam):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "6", "--cuda-graph", "--device", "cuda",
-                                "--optimizer", optimizer, compile, "--out", str(tmp_path)])    # 18 steps: 11 eager,
+                                "--optimizer", optimizer, compile, "--sam-epochs", sam,
+                                "--out", str(tmp_path)])                                       # 18 steps: 11 eager,
     losses = [h["train_loss"] for h in metrics["history"]]                                     # then replays
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and 0.0 <= metrics["test_acc"] <= 1.0
     assert losses[-1] < losses[0] and metrics["optimizer"] == optimizer
