@@ -1,7 +1,7 @@
 """What both training scripts share: device and process set-up, the optimizer's parameter groups, warmup + cosine,
-an exponential moving average of the weights, sharpness-aware minimization's ascent step, a training step replayed from
-a CUDA graph (with the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption (written while training goes on),
-and Ctrl-C handling.
+an exponential moving average of the weights, sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a
+training step replayed from a CUDA graph (with the gradient average across GPUs inside it, and its teardown),
+checkpoints that survive interruption (written while training goes on), and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
@@ -94,11 +94,11 @@ class EMA:
 
 @contextlib.contextmanager
 def sharpness_aware(model: nn.Module, rho: float) -> Iterator[None]:
-    """SAM (Foret et al. 2021, eq. 2): inside the block the weights are w + ε, ε = ρ · g / ‖g‖ with g the gradient now
-    in .grad — the steepest ascent of the loss within radius ρ — so that a backward pass there gives SAM's gradient
-    ∇L(w + ε). On leaving, the weights are w again, exactly (the new gradient stays in .grad for the optimizer), and
-    so are the buffers (BatchNorm's running statistics count the pass at w, not the one at w + ε). GPU work only:
-    a CUDA graph can capture it."""
+    """SAM (Foret et al. 2021, section 2): inside the block the weights are w + ε, ε = ρ · g / ‖g‖ with g the gradient
+    now in .grad — the steepest ascent of the loss within radius ρ — so that a backward pass there gives SAM's
+    gradient ∇L(w + ε). On leaving, the weights are w again, exactly (the new gradient stays in .grad for the
+    optimizer), and so are the buffers (BatchNorm's running statistics count the pass at w, not the one at w + ε).
+    GPU work only: a CUDA graph can capture it."""
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
