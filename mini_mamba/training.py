@@ -102,14 +102,15 @@ def sharpness_aware(model: nn.Module, rho: float) -> Iterator[None]:
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    saved = [t.detach().clone() for t in (*params, *model.buffers())]
+    state = [*params, *model.buffers()]
+    saved = [t.detach().clone() for t in state]
     with torch.no_grad():
         torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))
     try:
         yield
     finally:
         with torch.no_grad():
-            torch._foreach_copy_([*params, *model.buffers()], saved)
+            torch._foreach_copy_(state, saved)
 
 
 class GraphedStep:
