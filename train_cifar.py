@@ -38,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mini_mamba import data
-from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, broadcast_,
-                                 fail, learning_rates_on, param_groups, save_atomic, setup, sharpness_aware, teardown,
-                                 warmup_cosine)
+from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, bounded,
+                                 broadcast_, fail, learning_rates_on, param_groups, save_atomic, setup, sharpness_aware,
+                                 teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -51,29 +51,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="cifar100", choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's archive or files")
     p.add_argument("--model", default="small", choices=tuple(SIZES))
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=256, help="batch per process (K GPUs: K × this per step)")
+    p.add_argument("--epochs", type=bounded(int, 1), default=300)
+    p.add_argument("--batch-size", type=bounded(int, 1), default=256,
+                   help="batch per process (K GPUs: K × this per step)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
                    help="SGD with Nesterov momentum 0.9, or AdamW")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=bounded(float, 0, open_low=True), default=None,
                    help="peak learning rate (default: SGD 0.1 · global batch / 256,\n"
                         "AdamW 2e-3 · √(global batch / 512))")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: SGD 5e-4, AdamW 0.05")
-    p.add_argument("--drop-path", type=float, default=None,
+    p.add_argument("--weight-decay", type=bounded(float, 0), default=None, help="default: SGD 5e-4, AdamW 0.05")
+    p.add_argument("--drop-path", type=bounded(float, 0, 1, open_high=True), default=None,
                    help="the last block's drop-path rate (default: the model size's)")
-    p.add_argument("--warmup-epochs", type=float, default=3)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (0 disables the EMA)")
-    p.add_argument("--crop-pad", type=int, default=4, help="random crops shift the image by up to this many pixels")
-    p.add_argument("--erase-p", type=float, default=0.5, help="probability of random erasing per image")
+    p.add_argument("--warmup-epochs", type=bounded(float, 0), default=3)
+    p.add_argument("--label-smoothing", type=bounded(float, 0, 1, open_high=True), default=0.1)
+    p.add_argument("--ema", type=bounded(float, 0, 1, open_high=True), default=0.999,
+                   help="EMA decay per step (0 disables the EMA)")
+    p.add_argument("--crop-pad", type=bounded(int, 0), default=4,
+                   help="random crops shift the image by up to this many pixels")
+    p.add_argument("--erase-p", type=bounded(float, 0, 1), default=0.5, help="probability of random erasing per image")
     p.add_argument("--erase-fill", default="mean", choices=("mean", "random"),
                    help="what an erased rectangle holds: the mean, or random pixels (the paper's RE-R)")
-    p.add_argument("--mix", type=float, default=0.0, help="probability of CutMix per batch (0: off)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--sam-epochs", type=int, default=0,
+    p.add_argument("--mix", type=bounded(float, 0, 1), default=0.0, help="probability of CutMix per batch (0: off)")
+    p.add_argument("--clip", type=bounded(float, 0, open_low=True), default=1.0, help="gradient-norm clipping")
+    p.add_argument("--sam-epochs", type=bounded(int, 0), default=0,
                    help="the last N epochs step with sharpness-aware minimization (SAM): each step's gradient is\n"
                         "taken at the weights moved --sam-rho up the loss; two forward/backward passes a step")
-    p.add_argument("--sam-rho", type=float, default=0.05, help="SAM's radius ρ")
+    p.add_argument("--sam-rho", type=bounded(float, 0, open_low=True), default=0.05, help="SAM's radius ρ")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -84,23 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "H200 (README) after about a minute of compiling (default: on with a GPU, off on a CPU)")
     p.add_argument("--seed", type=int, default=0,
                    help="initial weights, data order, augmentation (recorded in metrics.json; on Fashion-MNIST the\n"
-                        "final accuracy moves by about 0.2 points between seeds, and a GPU run does not repeat bit for\n"
-                        "bit: README)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
+                        "final accuracy spans about 0.3 points over five seeds, and a GPU run does not repeat bit\n"
+                        "for bit: README)")
+    p.add_argument("--limit", type=bounded(int, 1), default=None,
+                   help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--out", default="runs/cifar")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1:
-        p.error("--epochs and --batch-size must be at least 1")
+    args = p.parse_args(argv)                                    # each number checked by its type (bounded)
     if args.weight_decay is None:
         args.weight_decay = {"sgd": 5e-4, "adamw": 0.05}[args.optimizer]
-    if args.crop_pad < 0 or args.weight_decay < 0:
-        p.error("--crop-pad and --weight-decay must be at least 0")
-    if not 0 <= args.sam_epochs <= args.epochs or args.sam_rho <= 0:
-        p.error("--sam-epochs must be in [0, --epochs] and --sam-rho above 0")
-    if args.drop_path is not None and not 0 <= args.drop_path < 1:
-        p.error("--drop-path must be in [0, 1)")
+    if args.sam_epochs > args.epochs:
+        p.error("--sam-epochs must be at most --epochs")
     return args
 
 

@@ -30,7 +30,7 @@ from mini_mamba import data
 from mini_mamba.instruct import Labels, Tokenizer, TEMPLATES
 from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
 from mini_mamba.mamba import MambaConfig, MambaLM
-from mini_mamba.training import StopRequest, fail, param_groups, save_atomic, setup, warmup_cosine
+from mini_mamba.training import StopRequest, bounded, fail, param_groups, save_atomic, setup, warmup_cosine
 from mini_mamba.vision import MambaVision, VisionConfig
 
 
@@ -39,15 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-ckpt", default="runs/cifar/model.pt", help="model.pt written by train_cifar.py")
     p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the vision model's dataset")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--d-model", type=int, default=256, help="the language model's width")
-    p.add_argument("--layers", type=int, default=4, help="the language model's Mamba blocks")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--stage0-steps", type=int, default=500)
-    p.add_argument("--stage1-epochs", type=float, default=1.0)
-    p.add_argument("--stage2-epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--d-model", type=bounded(int, 1), default=256, help="the language model's width")
+    p.add_argument("--layers", type=bounded(int, 1), default=4, help="the language model's Mamba blocks")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=256)
+    p.add_argument("--stage0-steps", type=bounded(int, 1), default=500)
+    p.add_argument("--stage1-epochs", type=bounded(float, 0, open_low=True), default=1.0)
+    p.add_argument("--stage2-epochs", type=bounded(float, 0, open_low=True), default=3.0)
+    p.add_argument("--lr", type=bounded(float, 0, open_low=True), default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training and test examples")
+    p.add_argument("--limit", type=bounded(int, 1), default=None,
+                   help="use only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--out", default="runs/llava")
     return p.parse_args(argv)

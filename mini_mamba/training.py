@@ -1,12 +1,13 @@
-"""What both training scripts share: device and process set-up, the optimizer's parameter groups, warmup + cosine,
-an exponential moving average of the weights, sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a
-training step replayed from a CUDA graph (with the gradient average across GPUs inside it, and its teardown),
-checkpoints that survive interruption (written while training goes on), and Ctrl-C handling.
+"""What both training scripts share: device and process set-up, range checks of their options, the optimizer's
+parameter groups, warmup + cosine, an exponential moving average of the weights, sharpness-aware minimization's ascent
+(Foret et al. 2021, section 2), a training step replayed from a CUDA graph (with the gradient average across GPUs inside
+it, and its teardown), checkpoints that survive interruption (written while training goes on), and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import math
@@ -46,6 +47,22 @@ def fail(message: str, code: int = 2):
     """Stop the script with a one-line error message, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def bounded(kind: type, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+    """An argparse type: kind(text), refused with a one-line usage error when it lies outside [low, high] (open_low,
+    open_high: that end excluded), e.g. `type=bounded(int, 1)` for a count, `bounded(float, 0, 1)` for a probability."""
+    def parse(text: str):
+        value = kind(text)                                       # not a number: argparse's "invalid int value"
+        outside = not (math.isfinite(value) and low <= value <= high)              # NaN and inf too
+        if outside or (open_low and value == low) or (open_high and value == high):
+            if high == math.inf:
+                raise argparse.ArgumentTypeError(f"{text}: must be {'above' if open_low else 'at least'} {low:g}")
+            raise argparse.ArgumentTypeError(f"{text}: must be in {'(' if open_low else '['}{low:g}, {high:g}"
+                                             f"{')' if open_high else ']'}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,5 +1,7 @@
 """train_cifar.py's command-line contract: smoke runs on synthetic data and on Fashion-MNIST, exact resume after an
-interruption, a non-finite loss stopping the run with the last good checkpoint kept, and clear errors."""
+interruption, a non-finite loss stopping the run with the last good checkpoint kept, and clear errors (out-of-range
+options of train_llava.py too: both scripts check them with the same `bounded`)."""
+import argparse
 import copy
 import json
 import math
@@ -15,8 +17,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import train_cifar
+import train_llava
 from mini_mamba import data
-from mini_mamba.training import EMA, CheckpointWriter, GraphedStep, average_gradients, broadcast_, sharpness_aware
+from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, average_gradients, bounded, broadcast_,
+                                 sharpness_aware)
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,17 +189,6 @@ def test_missing_cifar_is_a_message_not_a_traceback(tmp_path):
     assert "error: no cifar-100-python.tar.gz" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flag", [["--epochs", "0"], ["--crop-pad", "-1"], ["--weight-decay", "-0.1"],
-                                  ["--drop-path", "1.0"], ["--optimizer", "lamb"], ["--sam-epochs", "301"],
-                                  ["--sam-epochs", "-1"], ["--sam-rho", "0"]])
-def test_an_option_out_of_range_is_a_usage_message_not_a_traceback(flag, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        train_cifar.parse_args(flag)
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert flag[0] in err and "Traceback" not in err
-
-
 class Quadratic(torch.nn.Module):
     """loss(w) = ½ wᵀ H w, whose gradient is H w; each forward pass also counts itself in a buffer, as BatchNorm's
     num_batches_tracked does."""
@@ -303,6 +296,56 @@ def test_a_failed_checkpoint_write_is_raised_not_lost(tmp_path):
     with pytest.raises(RuntimeError, match="no such folder does not exist"):   # torch.save's own error
         with CheckpointWriter() as writer:
             writer.save({"step": 1}, tmp_path / "no such folder" / "checkpoint.pt")
+
+
+@settings(deadline=None)
+@given(value=st.one_of(st.integers(-5, 5), st.floats(-2, 2), st.sampled_from([math.inf, -math.inf, math.nan])),
+       low=st.sampled_from([-1, 0, 1]), width=st.sampled_from([0.5, 2, math.inf]),
+       open_low=st.booleans(), open_high=st.booleans())
+def test_a_bounded_option_takes_exactly_the_finite_numbers_of_its_range(value, low, width, open_low, open_high):
+    high = low + width
+    parse = bounded(float, low, high, open_low=open_low, open_high=open_high)
+    inside = (math.isfinite(value) and (low < value if open_low else low <= value)
+              and (value < high if open_high else value <= high))
+    if inside:
+        assert parse(str(value)) == float(value)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(str(value))
+
+
+@pytest.mark.parametrize("script, args, message", [
+    (train_cifar, ["--epochs", "0"], "--epochs: 0: must be at least 1"),
+    (train_cifar, ["--batch-size", "-2"], "--batch-size: -2: must be at least 1"),
+    (train_cifar, ["--limit", "-5"], "--limit: -5: must be at least 1"),
+    (train_cifar, ["--lr", "0"], "--lr: 0: must be above 0"),
+    (train_cifar, ["--clip", "-1"], "--clip: -1: must be above 0"),
+    (train_cifar, ["--sam-rho", "nan"], "--sam-rho: nan: must be above 0"),
+    (train_cifar, ["--warmup-epochs", "-1"], "--warmup-epochs: -1: must be at least 0"),
+    (train_cifar, ["--crop-pad", "-1"], "--crop-pad: -1: must be at least 0"),
+    (train_cifar, ["--weight-decay", "-0.1"], "--weight-decay: -0.1: must be at least 0"),
+    (train_cifar, ["--ema", "1"], "--ema: 1: must be in [0, 1)"),
+    (train_cifar, ["--label-smoothing", "1.5"], "--label-smoothing: 1.5: must be in [0, 1)"),
+    (train_cifar, ["--drop-path", "1.0"], "--drop-path: 1.0: must be in [0, 1)"),
+    (train_cifar, ["--erase-p", "2"], "--erase-p: 2: must be in [0, 1]"),
+    (train_cifar, ["--mix", "-0.1"], "--mix: -0.1: must be in [0, 1]"),
+    (train_cifar, ["--sam-epochs", "-1"], "--sam-epochs: -1: must be at least 0"),
+    (train_cifar, ["--sam-epochs", "301"], "--sam-epochs must be at most --epochs"),
+    (train_cifar, ["--epochs", "2.5"], "--epochs: invalid int value"),
+    (train_cifar, ["--optimizer", "lamb"], "--optimizer: invalid choice"),
+    (train_llava, ["--batch-size", "0"], "--batch-size: 0: must be at least 1"),
+    (train_llava, ["--layers", "0"], "--layers: 0: must be at least 1"),
+    (train_llava, ["--d-model", "0"], "--d-model: 0: must be at least 1"),
+    (train_llava, ["--stage0-steps", "0"], "--stage0-steps: 0: must be at least 1"),
+    (train_llava, ["--stage1-epochs", "-1"], "--stage1-epochs: -1: must be above 0"),
+    (train_llava, ["--lr", "-1"], "--lr: -1: must be above 0"),
+    (train_llava, ["--limit", "0"], "--limit: 0: must be at least 1"),
+])
+def test_an_option_out_of_range_is_a_usage_message_before_any_work(script, args, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args(args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flag", ["--cuda-graph", "--compile"])
