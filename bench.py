@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
+from mini_mamba.training import output_folder
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Measuring
@@ -472,7 +473,7 @@ def main() -> None:
     for key, value in sizes.items():
         setattr(args, key, value)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = output_folder(args.out)
     results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, dtype=str(dtype), sizes=sizes)
     if args.kernel:

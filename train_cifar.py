@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from mini_mamba import data
 from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, bounded,
-                                 broadcast_, fail, learning_rates_on, param_groups, save_atomic, setup, sharpness_aware,
-                                 teardown, warmup_cosine)
+                                 broadcast_, fail, learning_rates_on, output_folder, param_groups, save_atomic, setup,
+                                 sharpness_aware, teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -133,6 +133,7 @@ def main(argv=None) -> dict:
                                      "resume": True,                     # options newer than the run: defaults
                                      "cuda_graph": args.cuda_graph,      # how to run the step, not the recipe
                                      "compile": args.compile})
+    out = output_folder(out)                                     # before any work: a clear error if it cannot be
     device, rank, world = setup(args.device)
     for flag in ("cuda_graph", "compile"):                       # GPU-only ways to run the step: on by default there
         if getattr(args, flag) and device.type != "cuda":
@@ -196,7 +197,6 @@ def main(argv=None) -> dict:
                               cache_enabled=not args.cuda_graph)   # no cast cache inside a graph (PyTorch docs)
     eval_model = ema.model if ema is not None else model
     test_set = (dataset.test_images, dataset.test_labels, mean, std, 1024, rank, world, autocast)
-    out.mkdir(parents=True, exist_ok=True)
     log(f"MambaVision-{args.model} ({params / 1e6:.2f}M parameters) on {args.dataset} "
         f"({n_train} train / {len(dataset.test_images)} test, {channels}×{size}×{size}), {world} × {device.type}, "
         f"batch {global_batch}, {args.epochs} epochs, lr {lr:g}")

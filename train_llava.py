@@ -30,7 +30,8 @@ from mini_mamba import data
 from mini_mamba.instruct import Labels, Tokenizer, TEMPLATES
 from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
 from mini_mamba.mamba import MambaConfig, MambaLM
-from mini_mamba.training import StopRequest, bounded, fail, param_groups, save_atomic, setup, warmup_cosine
+from mini_mamba.training import (StopRequest, bounded, fail, output_folder, param_groups, save_atomic, setup,
+                                 warmup_cosine)
 from mini_mamba.vision import MambaVision, VisionConfig
 
 
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     device, _, _ = setup(args.device)
-    out = Path(args.out)
+    out = output_folder(args.out)                                # before any work: a clear error if it cannot be
     vision = load_vision(Path(args.vision_ckpt), device)
     name = args.dataset or vision.get("dataset")
     if name is None:
@@ -135,7 +136,6 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         logits = model.vision.head(test_features.mean(1))
     encoder_acc = (logits.argmax(-1) == dataset.test_labels).float().mean().item()
-    out.mkdir(parents=True, exist_ok=True)
     print(f"tiny LLaVA on {name}: {len(tokenizer)}-word vocabulary, {n_image} image tokens of "
           f"{train_features.shape[2]} features, language model {args.layers} × {args.d_model} "
           f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")

@@ -1,7 +1,8 @@
-"""What both training scripts share: device and process set-up, range checks of their options, the optimizer's
-parameter groups, warmup + cosine, an exponential moving average of the weights, sharpness-aware minimization's ascent
-(Foret et al. 2021, section 2), a training step replayed from a CUDA graph (with the gradient average across GPUs inside
-it, and its teardown), checkpoints that survive interruption (written while training goes on), and Ctrl-C handling.
+"""What both training scripts share: device and process set-up, range checks of their options, the output folder
+(bench.py's too), the optimizer's parameter groups, warmup + cosine, an exponential moving average of the weights,
+sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a training step replayed from a CUDA graph (with
+the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption (written while
+training goes on), and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
@@ -47,6 +48,19 @@ def fail(message: str, code: int = 2):
     """Stop the script with a one-line error message, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def output_folder(path: str | Path) -> Path:
+    """The folder a script writes into, created with its parents before any work starts — or a one-line error when it
+    cannot be created or written, instead of a traceback after the work."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the output folder {out}: {error.strerror or error}")
+    if not os.access(out, os.W_OK):
+        fail(f"the output folder {out} is not writable; pass another --out")
+    return out
 
 
 def bounded(kind: type, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):

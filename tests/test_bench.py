@@ -1,4 +1,5 @@
-"""bench.py --quick writes its results and figure, and the JSON holds every method and model it names."""
+"""bench.py --quick writes its results and figure, and the JSON holds every method and model it names; errors are
+one-line messages."""
 import json
 import subprocess
 import sys
@@ -28,3 +29,11 @@ def test_kernel_section_needs_a_gpu(tmp_path):
     done = subprocess.run([sys.executable, "bench.py", "--kernel", "--device", "cpu", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "needs a GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_message_before_any_work(tmp_path):
+    (tmp_path / "a file").write_text("")
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--out",
+                           str(tmp_path / "a file" / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cannot create the output folder" in done.stderr
+    assert "Traceback" not in done.stderr and "scaling" not in done.stdout            # stopped before measuring

@@ -348,6 +348,15 @@ def test_an_option_out_of_range_is_a_usage_message_before_any_work(script, args,
     assert stopped.value.code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("script", [train_cifar, train_llava])
+def test_an_output_folder_that_cannot_be_made_is_a_message_before_any_work(script, tmp_path, capsys):
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--out", str(tmp_path / "a file" / "out")])   # the defaults would train on CIFAR-100: not reached
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "cannot create the output folder" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("flag", ["--cuda-graph", "--compile"])
 def test_gpu_only_options_on_a_cpu_are_a_clear_error(tmp_path, flag):
     result = run_script(*SMOKE, "--epochs", "1", flag, "--out", str(tmp_path))
