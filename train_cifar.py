@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from mini_mamba import data
 from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, bounded,
-                                 broadcast_, fail, learning_rates_on, output_folder, param_groups, save_atomic, setup,
-                                 sharpness_aware, teardown, warmup_cosine)
+                                 broadcast_, fail, learning_rates_on, load_saved, output_folder, param_groups,
+                                 save_atomic, setup, sharpness_aware, teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10     # steps between checks for a non-finite loss, and for a stop request under torchrun (one sync)
@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
     if args.resume:
         if not checkpoint_path.is_file():
             fail(f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
-        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        resumed = load_saved(checkpoint_path, "a checkpoint of train_cifar.py",
+                             ("model", "ema", "optimizer", "scheduler", "state", "args"))
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
         resumed["args"].setdefault("optimizer", "adamw")                 # runs saved before --optimizer used AdamW
         args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,

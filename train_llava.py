@@ -30,8 +30,8 @@ from mini_mamba import data
 from mini_mamba.instruct import Labels, Tokenizer, TEMPLATES
 from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
 from mini_mamba.mamba import MambaConfig, MambaLM
-from mini_mamba.training import (StopRequest, bounded, fail, output_folder, param_groups, save_atomic, setup,
-                                 warmup_cosine)
+from mini_mamba.training import (StopRequest, bounded, fail, load_saved, output_folder, param_groups, save_atomic,
+                                 setup, warmup_cosine)
 from mini_mamba.vision import MambaVision, VisionConfig
 
 
@@ -59,7 +59,7 @@ def load_vision(path: Path, device: torch.device) -> dict:
     if not path.is_file():
         fail(f"no vision checkpoint at {path}: train one first, e.g. `python train_cifar.py --dataset fashion-mnist "
              f"--out {path.parent}`, or pass --vision-ckpt")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_saved(path, "a model.pt of train_cifar.py", ("model", "config", "classes", "mean", "std"))
     vision = MambaVision(VisionConfig(**saved["config"]))
     vision.load_state_dict(saved["model"])
     return dict(saved, model=vision.to(device))

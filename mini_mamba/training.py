@@ -2,7 +2,7 @@
 (bench.py's too), the optimizer's parameter groups, warmup + cosine, an exponential moving average of the weights,
 sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a training step replayed from a CUDA graph (with
 the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption (written while
-training goes on), and Ctrl-C handling.
+training goes on) and are checked when read, and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
@@ -234,6 +234,19 @@ def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_saved(path: Path, what: str, keys: tuple[str, ...]) -> dict:
+    """torch.load of a file this project wrote (what: which file, for the message), checked for the entries `keys` —
+    or a one-line error when it is not readable (truncated, not a torch file) or is another file."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:                               # torch and pickle raise many types for a bad file
+        fail(f"{path} could not be read as {what} ({type(error).__name__}): is it truncated, or another file?")
+    missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        fail(f"{path} is not {what}: it has no {', '.join(missing)}")
+    return saved
 
 
 def to_cpu(obj):

@@ -133,7 +133,20 @@ def test_smoke_run_of_train_llava_on_synthetic(tmp_path):
     assert not same(stages[1]["lm"], stages[2]["lm"]) and not same(stages[1]["projector"], stages[2]["projector"])
 
 
-def test_missing_vision_checkpoint_is_a_clear_error(tmp_path, capsys):
+def write_truncated_file(path):
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:600])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: None, "train one first"),                                                  # no file at all
+    (write_truncated_file, "could not be read as a model.pt of train_cifar.py"),
+    (lambda path: path.write_text("not a checkpoint"), "could not be read as a model.pt of train_cifar.py"),
+    (lambda path: torch.save({"model": {}, "ema": None, "optimizer": {}}, path),             # train_cifar's checkpoint
+     "is not a model.pt of train_cifar.py: it has no config, classes, mean, std"),
+])
+def test_a_missing_or_wrong_vision_checkpoint_is_a_clear_error(tmp_path, capsys, make, message):
+    make(tmp_path / "vision.pt")
     with pytest.raises(SystemExit) as stopped:
-        train_llava.main(["--vision-ckpt", str(tmp_path / "none.pt"), "--device", "cpu"])
-    assert stopped.value.code == 2 and "train one first" in capsys.readouterr().err
+        train_llava.main(["--vision-ckpt", str(tmp_path / "vision.pt"), "--device", "cpu", "--out", str(tmp_path)])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -240,6 +240,20 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:1000]), "could not be read as a checkpoint of train_cifar.py"),
+    (lambda path: torch.save(torch.load(path, weights_only=False)["model"], path),   # a state_dict, not a checkpoint
+     "is not a checkpoint of train_cifar.py: it has no model, ema, optimizer, scheduler, state, args"),
+])
+def test_resume_from_a_damaged_or_wrong_checkpoint_is_a_clear_error(tmp_path, capsys, damage, message):
+    train_cifar.main(SMOKE + ["--epochs", "1", "--out", str(tmp_path)])
+    damage(tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        train_cifar.main(["--resume", "--out", str(tmp_path)])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("with_buffers", [False, True])
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_the_ema_moves_each_weight_its_share_towards_the_live_one_and_copies_buffers(with_buffers, as_tensor):
