@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
-from mini_mamba.training import output_folder
+from mini_mamba.training import bounded, output_folder
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Measuring
@@ -461,7 +461,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--anchors", type=Path, default=Path(__file__).resolve().parent / "anchors" /
                         "h200_reference_timings.json", help="reference timings of the official kernel")
-    parser.add_argument("--max-seconds", type=float, default=2.0, help="stop a method after a point this slow")
+    parser.add_argument("--max-seconds", type=bounded(float, 0, open_low=True), default=2.0,
+                        help="stop a method after a point this slow")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda but no GPU is visible; use --device cpu (with --quick)")

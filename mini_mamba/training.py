@@ -1,8 +1,8 @@
-"""What both training scripts share: device and process set-up, range checks of their options, the output folder
-(bench.py's too), the optimizer's parameter groups, warmup + cosine, an exponential moving average of the weights,
-sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a training step replayed from a CUDA graph (with
-the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption (written while
-training goes on) and are checked when read, and Ctrl-C handling.
+"""What both training scripts share: device and process set-up, range checks of their options and their output folder
+(bench.py uses these two as well), the optimizer's parameter groups, warmup + cosine, an exponential moving average of
+the weights, sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a training step replayed from a CUDA
+graph (with the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption
+(written while training goes on) and are checked when read, and Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """

@@ -37,3 +37,9 @@ def test_an_output_folder_that_cannot_be_made_is_a_message_before_any_work(tmp_p
                            str(tmp_path / "a file" / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cannot create the output folder" in done.stderr
     assert "Traceback" not in done.stderr and "scaling" not in done.stdout            # stopped before measuring
+
+
+def test_a_time_limit_that_is_not_positive_is_a_usage_message(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--max-seconds", "0", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "argument --max-seconds: 0: must be above 0" in done.stderr
