@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
-from mini_mamba.training import bounded, output_folder
+from mini_mamba.training import bounded, fail, output_folder
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Measuring
@@ -349,8 +349,6 @@ def generation(args, device, dtype) -> dict:
 
 def kernel_table(device, anchors_path: Path) -> dict:
     """Ours (fwd, fwd+bwd) and SDPA timed now, against the official kernel and SDPA in the anchors file."""
-    if not anchors_path.exists():
-        raise SystemExit(f"bench.py --kernel: no reference timings at {anchors_path} (see --anchors)")
     rows = json.loads(anchors_path.read_text())["rows"]
     official = {(r["batch"], r["seqlen"], r["d_state"]): r for r in rows if r["op"] == "official_cuda_selective_scan"}
     sdpa_then = {(r["batch"], r["seqlen"]): r for r in rows if r["op"] == "torch_sdpa_causal"}
@@ -465,7 +463,11 @@ def main() -> None:
                         help="stop a method after a point this slow")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device cuda but no GPU is visible; use --device cpu (with --quick)")
+        fail("--device cuda but no GPU is visible; use --device cpu (with --quick)")
+    if args.kernel and not args.anchors.is_file():
+        fail(f"--kernel: no reference timings at {args.anchors} (see --anchors)")
+    if args.kernel and args.device != "cuda":
+        fail("--kernel times the Triton kernel against the official CUDA kernel; it needs a GPU")
     device = torch.device(args.device)
     sizes = (dict(d_inner=64, min_len=64, max_len=1024, ref_max_len=256, fit_from=64, d_model=64, gpt_layers=1,
                   prompt=32, new_tokens=8, batches=[1, 2, 4]) if args.quick else
@@ -478,8 +480,6 @@ def main() -> None:
     results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, dtype=str(dtype), sizes=sizes)
     if args.kernel:
-        if device.type != "cuda":
-            raise SystemExit("bench.py --kernel: times the Triton kernel against the official CUDA kernel; needs a GPU")
         results["kernel"] = kernel_table(device, args.anchors)
         print_kernel(results["kernel"])
         (args.out / "kernel.json").write_text(json.dumps(results, indent=1))

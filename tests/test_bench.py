@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,10 +27,14 @@ def test_quick_bench_writes_results_and_figure(tmp_path):
     assert "generation (tokens/s)" in done.stdout
 
 
-def test_kernel_section_needs_a_gpu(tmp_path):
-    done = subprocess.run([sys.executable, "bench.py", "--kernel", "--device", "cpu", "--out", str(tmp_path)],
+@pytest.mark.parametrize("anchors, message", [(None, "needs a GPU"), ("missing.json", "no reference timings at")])
+def test_kernel_section_needs_a_gpu_and_the_reference_timings_before_any_work(tmp_path, anchors, message):
+    out = tmp_path / "out"
+    extra = ["--anchors", str(tmp_path / anchors)] if anchors else []
+    done = subprocess.run([sys.executable, "bench.py", "--kernel", "--device", "cpu", "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "needs a GPU" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()                                          # stopped before making its output folder
 
 
 def test_an_output_folder_that_cannot_be_made_is_a_message_before_any_work(tmp_path):
