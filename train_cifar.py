@@ -124,10 +124,9 @@ def main(argv=None) -> dict:
     checkpoint_path = out / "checkpoint.pt"
     resumed = None
     if args.resume:
-        if not checkpoint_path.is_file():
-            fail(f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         resumed = load_saved(checkpoint_path, "a checkpoint of train_cifar.py",
-                             ("model", "ema", "optimizer", "scheduler", "state", "args"))
+                             ("model", "ema", "optimizer", "scheduler", "state", "args"),
+                             f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
         resumed["args"].setdefault("optimizer", "adamw")                 # runs saved before --optimizer used AdamW
         args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,

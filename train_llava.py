@@ -56,10 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_vision(path: Path, device: torch.device) -> dict:
-    if not path.is_file():
-        fail(f"no vision checkpoint at {path}: train one first, e.g. `python train_cifar.py --dataset fashion-mnist "
-             f"--out {path.parent}`, or pass --vision-ckpt")
-    saved = load_saved(path, "a model.pt of train_cifar.py", ("model", "config", "classes", "mean", "std"))
+    saved = load_saved(path, "a model.pt of train_cifar.py", ("model", "config", "classes", "mean", "std"),
+                       f"no vision checkpoint at {path}: train one first, e.g. `python train_cifar.py --dataset "
+                       f"fashion-mnist --out {path.parent}`, or pass --vision-ckpt")
     vision = MambaVision(VisionConfig(**saved["config"]))
     vision.load_state_dict(saved["model"])
     return dict(saved, model=vision.to(device))

@@ -244,9 +244,12 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_saved(path: Path, what: str, keys: tuple[str, ...]) -> dict:
+def load_saved(path: Path, what: str, keys: tuple[str, ...], missing: str) -> dict:
     """torch.load of a file this project wrote (what: which file, for the message), checked for the entries `keys` —
-    or a one-line error when it is not readable (truncated, not a torch file) or is another file."""
+    or a one-line error when there is no such file (the message `missing`), when it is not readable (truncated, not a
+    torch file) or when it is another file."""
+    if not path.is_file():
+        fail(missing)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:                               # torch and pickle raise many types for a bad file
