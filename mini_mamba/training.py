@@ -254,9 +254,9 @@ def load_saved(path: Path, what: str, keys: tuple[str, ...], missing: str) -> di
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:                               # torch and pickle raise many types for a bad file
         fail(f"{path} could not be read as {what} ({type(error).__name__}): is it truncated, or another file?")
-    missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
-    if missing:
-        fail(f"{path} is not {what}: it has no {', '.join(missing)}")
+    absent = [key for key in keys if not isinstance(saved, dict) or key not in saved]
+    if absent:
+        fail(f"{path} is not {what}: it has no {', '.join(absent)}")
     return saved
 
 
