@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+SHORT_TILE = 512          # channels × steps of a program's tile when the sequence is shorter than 128 (tile_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -355,6 +356,10 @@ def tile_config(batch: int, d_inner: int, seqlen: int, device: torch.device) -> 
     2 times: +5%): its loop body holds more live tiles, and unrolled they no longer fit one warp's registers."""
     config = dict(block_t=128, block_c=4, num_warps=1, bwd_block_c=4, bwd_num_warps=1, n_segments=1,
                   summary_block_c=4, summary_elements=8192, summary_num_warps=4)
+    if seqlen < config["block_t"]:                   # a short sequence: one chunk just long enough, more channels
+        config["block_t"] = max(16, triton.next_power_of_2(seqlen))
+        channels = min(SHORT_TILE // config["block_t"], triton.next_power_of_2(d_inner))
+        config["block_c"] = config["bwd_block_c"] = channels
     programs = batch * triton.cdiv(d_inner, config["block_c"])
     if device.type == "cuda":
         target = 24 * torch.cuda.get_device_properties(device).multi_processor_count
