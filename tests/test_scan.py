@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mini_mamba.scan import choose_impl, selective_scan
 from mini_mamba.scan_parallel import linear_scan, selective_scan_parallel
 from mini_mamba.scan_ref import selective_scan_ref
-from mini_mamba.scan_triton import selective_scan_triton
+from mini_mamba.scan_triton import SHORT_TILE, selective_scan_triton, tile_config
 
 from .conftest import DEVICE
 from .problems import FP32_TOL, assert_close, assert_same_results, make_problem, problems, run, tolerance
@@ -87,6 +87,18 @@ def test_triton_low_precision_matches_reference(dtype):
                   summary_elements=64, summary_num_warps=1)
     assert_same_results(run(selective_scan_triton, problem, config=config), run(selective_scan_ref, problem),
                         tolerance(dtype))
+
+
+@pytest.mark.parametrize("seqlen", [1, 16, 49, 127])
+def test_triton_default_tiles_on_short_sequences(seqlen):
+    """A sequence shorter than one 128-step chunk (MambaVision's 7×7 and 4×4 token maps) gets one chunk of the next
+    power of two, at least 16 steps, and more channels per program; the default tiles give the reference's results,
+    here with a channel count (20) that leaves part of the last channel block empty."""
+    config = tile_config(2, 20, seqlen, DEVICE)
+    assert config["block_t"] == max(16, 1 << (seqlen - 1).bit_length())
+    assert config["block_c"] == config["bwd_block_c"] == max(4, SHORT_TILE // config["block_t"])
+    problem = to_device(make_problem(2, 20, 8, seqlen, seed=seqlen))
+    assert_same_results(run(selective_scan_triton, problem), run(selective_scan_ref, problem), FP32_TOL)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="seqlen 16K at a real width is beyond the CPU interpreter")
