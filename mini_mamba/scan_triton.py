@@ -355,7 +355,8 @@ def tile_config(batch: int, d_inner: int, seqlen: int, device: torch.device) -> 
     2 times: 5.2 and 3.5; fully: 5.3 and 3.7). Unrolling the backward's loop made it slower (fully: 2.5× the time;
     2 times: +5%): its loop body holds more live tiles, and unrolled they no longer fit one warp's registers.
     A sequence shorter than 128 steps gets one chunk of the next power of two (at least 16) and SHORT_TILE // block_t
-    channels (at least 4). At MambaVision-small's scans (batch 256, bf16, d_state 8), kernel time forward + backward:
+    channels (at least 4, at most d_inner's next power of two). At MambaVision-small's scans (batch 256, bf16,
+    d_state 8), kernel time forward + backward:
     128 channels × 49 steps 112 + 290 -> 57 + 159 us (64 steps × 4 channels; 8 or 16 channels: backward 175 and 302 us);
     256 channels × 16 steps 64 + 456 -> 12 + 73 us (16 steps × 16 channels; 4 channels: 20 + 85, 32: 11 + 72)."""
     config = dict(block_t=128, block_c=4, num_warps=1, bwd_block_c=4, bwd_num_warps=1, n_segments=1,
