@@ -12,8 +12,10 @@ The recipe (defaults, no flags needed): MambaVision-small, 300 epochs of batch 2
 lr 2e-3 · √(batch / 512), weight decay 0.05), linear warmup then cosine decay, label smoothing 0.1, gradient clipping
 at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip +
 random erasing computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each
-image's logits and its mirror image's (--no-tta: off). --sam-epochs N: the last N epochs step with sharpness-aware
-minimization (off by default; README). The whole dataset is a GPU tensor.
+image's logits and its mirror image's (--no-tta: off; --tta-shift N: the final evaluation also averages the image
+moved by up to N pixels each way, the (2N + 1)² training crops that stay closest to it, each mirrored too).
+--sam-epochs N: the last N epochs step with sharpness-aware minimization (off by default; README). The whole dataset
+is a GPU tensor.
 On a GPU the model is trained through torch.compile (its many small elementwise kernels fused) and the training step
 is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average their gradients with one
 all-reduce inside the graph (average_gradients), and without the graph through DistributedDataParallel.
@@ -79,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam-rho", type=bounded(float, 0, open_low=True), default=0.05, help="SAM's radius ρ")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
+    p.add_argument("--tta-shift", type=bounded(int, 0), default=0,
+                   help="the final evaluation also averages the logits of each test image moved by every (dy, dx) in\n"
+                        "[-N, N]² (each mirrored too with --tta); the evaluation after each epoch does not")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step from a CUDA graph: the CPU stops launching each kernel\n"
                         "(default: on with a GPU, off on a CPU; --no-cuda-graph: the eager step)")
@@ -102,16 +107,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def tta_views(shift: int, flip: bool) -> list[tuple[int, int, bool]]:
+    """The test-time views of an image as (dy, dx, mirrored): moved by every (dy, dx) in [-shift, shift]² (data.shift:
+    the training's random crops, fixed), each also mirrored with flip (the training's flip); tta_views(0, False) is
+    the image alone."""
+    moves = range(-shift, shift + 1)
+    return [(dy, dx, mirrored) for dy in moves for dx in moves for mirrored in ((False, True) if flip else (False,))]
+
+
 @torch.no_grad()
-def evaluate(model, images, labels, mean, std, batch_size, rank, world, autocast, flip: bool) -> float:
-    """Top-1 accuracy on (images, labels), each rank a share of the examples, summed across ranks. With flip, the
-    prediction is from the logits of the image plus those of its mirror image (the training's flip, used at test)."""
+def evaluate(model, images, labels, mean, std, batch_size, rank, world, autocast,
+             views: list[tuple[int, int, bool]]) -> float:
+    """Top-1 accuracy on (images, labels), each rank a share of the examples, summed across ranks; each prediction is
+    from the sum of the logits of the image's views (tta_views)."""
     model.eval()
     correct = torch.zeros((), device=images.device)
     for idx in data.eval_batches(len(images), batch_size, rank, world):
-        x = data.normalize(images[idx], mean, std).contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(x) + model(x.flip(-1)) if flip else model(x)
+        logits = torch.zeros((), device=images.device)                   # (b, classes) once the first view is in
+        for dy, dx, mirrored in views:
+            x = data.normalize(data.shift(images[idx], dy, dx), mean, std)
+            x = (x.flip(-1) if mirrored else x).contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = logits + model(x).float()
         correct += (logits.argmax(-1) == labels[idx]).sum()
     if world > 1:
         dist.all_reduce(correct)
@@ -151,6 +168,9 @@ def main(argv=None) -> dict:
     mean, std = (t.to(device) for t in data.channel_stats(dataset.train_images))
     dataset = dataset.to(device)
     channels, size, _ = dataset.image_shape
+    if 2 * args.tta_shift >= size:
+        fail(f"--tta-shift {args.tta_shift} would move the {size}×{size} images out of view: use at most "
+             f"{(size - 1) // 2}")
     n_train = len(dataset.train_images)
     global_batch = args.batch_size * world
     if n_train < global_batch:
@@ -255,19 +275,21 @@ def main(argv=None) -> dict:
 
     def write_metrics(**final) -> dict:
         """OUT/metrics.json after every epoch ("complete": false until the last), so an interrupted run keeps its
-        record; test_acc is the EMA model's (the one saved), test_acc_raw the live weights' at the end, and
-        test_acc_no_flip the EMA model's without the test-time flip."""
+        record; test_acc is the EMA model's (the one saved), at the end with all test-time views; test_acc_raw the
+        live weights' at the end; test_acc_no_flip the EMA model's on the images alone; test_acc_no_shift (with
+        --tta-shift) the EMA model's with the flip alone, as after each epoch."""
         history = state["history"]
         timed = history[1:] or history                                   # the first epoch includes warm-up
         metrics = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, complete=bool(final),
-                       test_acc=history[-1]["test_acc"], **final, params=params,
+                       **{"test_acc": history[-1]["test_acc"], **final}, params=params,
                        train_time_s=state["train_time_s"],
                        images_per_s=sum(h["images_per_s"] for h in timed) / len(timed), world_size=world,
                        batch_size=global_batch, optimizer=args.optimizer, lr=lr,
                        weight_decay=args.weight_decay, drop_path=model.config.drop_path,
                        crop_pad=args.crop_pad, erase_p=args.erase_p, erase_fill=args.erase_fill, mix=args.mix,
                        sam_epochs=args.sam_epochs, sam_rho=args.sam_rho,
-                       tta=args.tta, seed=args.seed, cuda_graph=args.cuda_graph, compile=args.compile,
+                       tta=args.tta, tta_shift=args.tta_shift, seed=args.seed, cuda_graph=args.cuda_graph,
+                       compile=args.compile,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        history=history)
         if main_process:
@@ -325,7 +347,7 @@ def main(argv=None) -> dict:
             train_seconds = time.perf_counter() - started
             if not ddp:                                  # rank 0's BatchNorm statistics everywhere (DDP: each step)
                 broadcast_([*model.buffers(), *(ema.model.buffers() if ema else ())], world)
-            test_acc = evaluate(eval_model, *test_set, args.tta)
+            test_acc = evaluate(eval_model, *test_set, tta_views(0, args.tta))
             state["train_time_s"] += time.perf_counter() - started
             if world > 1:
                 dist.all_reduce(sums)
@@ -341,15 +363,20 @@ def main(argv=None) -> dict:
                 log(f"interrupted after epoch {epoch + 1}; continue with --resume --out {out}")
                 raise SystemExit(130)
 
-        test_acc_raw = evaluate(model, *test_set, args.tta)
-        metrics = write_metrics(test_acc_raw=test_acc_raw, test_acc_no_flip=evaluate(eval_model, *test_set, False))
+        views = tta_views(args.tta_shift, args.tta)
+        final = dict(test_acc=evaluate(eval_model, *test_set, views), test_acc_raw=evaluate(model, *test_set, views),
+                     test_acc_no_flip=evaluate(eval_model, *test_set, tta_views(0, False)))
+        if args.tta_shift:
+            final["test_acc_no_shift"] = state["history"][-1]["test_acc"]
+        metrics = write_metrics(**final)
         if main_process:
             save_atomic(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
                              dataset=args.dataset, classes=dataset.classes, test_acc=metrics["test_acc"],
                              mean=mean.cpu(), std=std.cpu()), out / "model.pt")
-            log(f"test accuracy {metrics['test_acc']:.4f} (EMA; live weights {test_acc_raw:.4f}; EMA without the "
-                f"test-time flip {metrics['test_acc_no_flip']:.4f}) after {args.epochs} epochs, "
-                f"{metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
+            no_shift = f"without the shifts {final['test_acc_no_shift']:.4f}; " if args.tta_shift else ""
+            log(f"test accuracy {metrics['test_acc']:.4f} (EMA, {len(views)} test-time views; {no_shift}live weights "
+                f"{metrics['test_acc_raw']:.4f}; EMA on the images alone {metrics['test_acc_no_flip']:.4f}) after "
+                f"{args.epochs} epochs, {metrics['train_time_s']:.0f} s, {metrics['images_per_s']:,.0f} images/s; "
                 f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
     return metrics
 

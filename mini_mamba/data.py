@@ -296,6 +296,12 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generat
     return out.masked_fill(erase[:, None], 0.0)
 
 
+def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images (b, c, h, w) moved dy pixels down and dx right (negative: up, left), the uncovered border black — one
+    of the training crops (augment), as a fixed test-time view."""
+    return torch.nn.functional.pad(images, (dx, -dx, dy, -dy))                   # a negative pad crops
+
+
 def cutmix(images: torch.Tensor, generator: torch.Generator, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """CutMix (Yun et al. 2019) on a batch of images (b, c, h, w): with probability p, one rectangle — side √(1-λ) of
     the image's, λ ~ U(0, 1), its centre anywhere, clipped at the border — is pasted into every image from the next

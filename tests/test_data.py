@@ -196,6 +196,26 @@ def test_augment_without_shift_or_erasing_only_flips(seed, channels):
         assert torch.equal(o, p) or torch.equal(o, p.flip(-1))
 
 
+def test_a_shift_moves_the_image_and_fills_the_uncovered_border_with_black():
+    image = torch.arange(1, 10, dtype=torch.uint8).view(1, 1, 3, 3)
+    assert data.shift(image, 1, 0)[0, 0].tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 6]]      # down
+    assert data.shift(image, 0, -1)[0, 0].tolist() == [[2, 3, 0], [5, 6, 0], [8, 9, 0]]     # left
+    assert data.shift(image, -1, 1)[0, 0].tolist() == [[0, 4, 5], [0, 7, 8], [0, 0, 0]]     # up and right
+    assert torch.equal(data.shift(image, 0, 0), image)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), pad=st.integers(0, 3), channels=st.sampled_from([1, 3]))
+def test_each_training_crop_is_a_shift_of_at_most_pad_pixels_mirrored_or_not(seed, pad, channels):
+    images = torch.randint(1, 256, (6, channels, 8, 8), dtype=torch.uint8)   # no black pixel: every shift differs
+    mean, std = torch.full((channels,), 0.5), torch.full((channels,), 0.25)
+    crops = data.augment(images, mean, std, torch.Generator().manual_seed(seed), pad=pad, erase_p=0.0)
+    moves = range(-pad, pad + 1)
+    shifted = [data.normalize(data.shift(images, dy, dx), mean, std) for dy in moves for dx in moves]
+    for i, crop in enumerate(crops):
+        assert sum(torch.equal(crop, s[i]) or torch.equal(crop, s[i].flip(-1)) for s in shifted) == 1
+
+
 def test_augment_is_reproducible_and_shifts_and_erases():
     images = torch.randint(1, 256, (64, 3, 16, 16), dtype=torch.uint8)
     mean, std = torch.zeros(3), torch.ones(3)

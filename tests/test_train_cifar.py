@@ -61,9 +61,53 @@ def test_the_test_time_flip_predicts_from_the_logits_of_the_image_plus_those_of_
     labels = both.argmax(-1)                                         # right for every image with the flip
     assert not torch.equal(plain.argmax(-1), labels)                 # the flip changes some predictions
     off = torch.autocast("cpu", enabled=False)
-    evaluate = lambda flip: train_cifar.evaluate(model, images, labels, mean, std, 16, 0, 1, off, flip)
+    evaluate = lambda flip: train_cifar.evaluate(model, images, labels, mean, std, 16, 0, 1, off,
+                                                 train_cifar.tta_views(0, flip))
     assert evaluate(True) == 1.0
     assert evaluate(False) == pytest.approx((plain.argmax(-1) == labels).float().mean().item())
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2])
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_test_time_views_are_every_shift_up_to_n_pixels_each_way_each_mirrored_with_the_flip(shift, flip):
+    views = train_cifar.tta_views(shift, flip)
+    moves = range(-shift, shift + 1)
+    assert sorted(views) == sorted((dy, dx, m) for dy in moves for dx in moves for m in {False, flip})
+    assert len(views) == (2 * shift + 1) ** 2 * (2 if flip else 1)
+
+
+def test_the_test_time_shifts_predict_from_the_logits_of_all_the_views():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6 * 6, 5))
+    images = torch.randint(0, 256, (60, 1, 6, 6), dtype=torch.uint8)
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+
+    @torch.no_grad()
+    def logits(views):                                               # summed over the views, by hand
+        moved = lambda dy, dx: data.normalize(data.shift(images, dy, dx), mean, std)
+        return sum(model(moved(dy, dx).flip(-1) if mirrored else moved(dy, dx)) for dy, dx, mirrored in views)
+
+    views, flip_only = train_cifar.tta_views(1, True), train_cifar.tta_views(0, True)
+    labels = logits(views).argmax(-1)                                # right for every image with all 18 views
+    assert not torch.equal(logits(flip_only).argmax(-1), labels)     # the shifts change some predictions
+    off = torch.autocast("cpu", enabled=False)
+    evaluate = lambda views: train_cifar.evaluate(model, images, labels, mean, std, 16, 0, 1, off, views)
+    assert evaluate(views) == 1.0
+    assert evaluate(flip_only) == pytest.approx((logits(flip_only).argmax(-1) == labels).float().mean().item())
+
+
+def test_a_run_with_test_time_shifts_reports_its_accuracy_with_and_without_them(tmp_path):
+    metrics = train_cifar.main([*SMOKE, "--epochs", "1", "--tta-shift", "1", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["tta_shift"] == 1 and written["test_acc"] == metrics["test_acc"]
+    assert written["test_acc_no_shift"] == written["history"][-1]["test_acc"]   # the flip alone, as each epoch
+    assert 0.0 <= written["test_acc_no_flip"] <= 1.0 and 0.0 <= written["test_acc_raw"] <= 1.0
+
+
+def test_a_test_time_shift_out_of_the_image_is_a_clear_error(tmp_path):
+    result = run_script(*SMOKE, "--epochs", "1", "--tta-shift", "16", "--out", str(tmp_path))   # 32×32 images
+    assert result.returncode == 2 and "--tta-shift 16 would move the 32×32 images out of view" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def interrupt_at_step(monkeypatch, step: int):
