@@ -364,10 +364,11 @@ def main(argv=None) -> dict:
                 raise SystemExit(130)
 
         views = tta_views(args.tta_shift, args.tta)
-        final = dict(test_acc=evaluate(eval_model, *test_set, views), test_acc_raw=evaluate(model, *test_set, views),
+        final = dict(test_acc_raw=evaluate(model, *test_set, views),
                      test_acc_no_flip=evaluate(eval_model, *test_set, tta_views(0, False)))
-        if args.tta_shift:
-            final["test_acc_no_shift"] = state["history"][-1]["test_acc"]
+        if args.tta_shift:                               # more views than after each epoch; else its figure stands
+            final.update(test_acc=evaluate(eval_model, *test_set, views),
+                         test_acc_no_shift=state["history"][-1]["test_acc"])
         metrics = write_metrics(**final)
         if main_process:
             save_atomic(dict(model=eval_model.state_dict(), size=args.model, config=asdict(model.config),
