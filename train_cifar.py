@@ -11,11 +11,11 @@ The recipe (defaults, no flags needed): MambaVision-small, 300 epochs of batch 2
 (lr 0.1 · batch / 256, weight decay 5e-4 except on norms, biases, A_log, D and layer scales; --optimizer adamw: AdamW,
 lr 2e-3 · √(batch / 512), weight decay 0.05), linear warmup then cosine decay, label smoothing 0.1, gradient clipping
 at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated and saved), random crop + flip +
-random erasing computed on the GPU (CutMix with --mix P, off by default), and at test time the average of each
-image's logits and its mirror image's (--no-tta: off; --tta-shift N: the final evaluation also averages the image
-moved by up to N pixels each way, the (2N + 1)² training crops that stay closest to it, each mirrored too).
---sam-epochs N: the last N epochs step with sharpness-aware minimization (off by default; README). The whole dataset
-is a GPU tensor.
+random erasing computed on the GPU (CutMix with --mix P, off by default), sharpness-aware minimization (SAM) in the
+last 2/15 of the epochs (--sam-epochs N: the last N; 0: off), and at test time the average of each image's logits and
+its mirror image's (--no-tta: off), which the final evaluation also takes over the image moved by up to 1 pixel each
+way (--tta-shift N: up to N; 0: off), the (2N + 1)² training crops that stay closest to it, each mirrored too. The
+whole dataset is a GPU tensor.
 On a GPU the model is trained through torch.compile (its many small elementwise kernels fused) and the training step
 is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average their gradients with one
 all-reduce inside the graph (average_gradients), and without the graph through DistributedDataParallel.
@@ -75,15 +75,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what an erased rectangle holds: the mean, or random pixels (the paper's RE-R)")
     p.add_argument("--mix", type=bounded(float, 0, 1), default=0.0, help="probability of CutMix per batch (0: off)")
     p.add_argument("--clip", type=bounded(float, 0, open_low=True), default=1.0, help="gradient-norm clipping")
-    p.add_argument("--sam-epochs", type=bounded(int, 0), default=0,
+    p.add_argument("--sam-epochs", type=bounded(int, 0), default=None,
                    help="the last N epochs step with sharpness-aware minimization (SAM): each step's gradient is\n"
-                        "taken at the weights moved --sam-rho up the loss; two forward/backward passes a step")
+                        "taken at the weights moved --sam-rho up the loss; two forward/backward passes a step\n"
+                        "(default: the last 2/15 of the epochs, rounded down: 40 of 300; 0: off)")
     p.add_argument("--sam-rho", type=bounded(float, 0, open_low=True), default=0.05, help="SAM's radius ρ")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
-    p.add_argument("--tta-shift", type=bounded(int, 0), default=0,
+    p.add_argument("--tta-shift", type=bounded(int, 0), default=1,
                    help="the final evaluation also averages the logits of each test image moved by every (dy, dx) in\n"
-                        "[-N, N]² (each mirrored too with --tta); the evaluation after each epoch does not")
+                        "[-N, N]² (each mirrored too with --tta); the evaluation after each epoch does not (0: off)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step from a CUDA graph: the CPU stops launching each kernel\n"
                         "(default: on with a GPU, off on a CPU; --no-cuda-graph: the eager step)")
@@ -102,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)                                    # each number checked by its type (bounded)
     if args.weight_decay is None:
         args.weight_decay = {"sgd": 5e-4, "adamw": 0.05}[args.optimizer]
+    if args.sam_epochs is None:
+        args.sam_epochs = args.epochs * 2 // 15                  # SAM in the last 40 of 300 epochs (README)
     if args.sam_epochs > args.epochs:
         p.error("--sam-epochs must be at most --epochs")
     return args
@@ -146,6 +149,8 @@ def main(argv=None) -> dict:
                              f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
         resumed["args"].setdefault("optimizer", "adamw")                 # runs saved before --optimizer used AdamW
+        for option in ("sam_epochs", "tta_shift"):                       # and before these options, neither
+            resumed["args"].setdefault(option, 0)
         args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,
                                      "resume": True,                     # options newer than the run: defaults
                                      "cuda_graph": args.cuda_graph,      # how to run the step, not the recipe

@@ -25,7 +25,8 @@ from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--limit", "96", "--batch-size", "32"]
-SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu"]        # on the CPU: bit-exact, for resume and NaN
+SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu",      # on the CPU: bit-exact, for resume and NaN;
+         "--tta-shift", "0"]                      # the final 18 test-time views take seconds there: only where tested
 
 
 @pytest.mark.parametrize("erase_fill", ["mean", "random"])
@@ -39,6 +40,9 @@ def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path, erase_fill
     assert written["test_acc"] == metrics["test_acc"] and written["params"] > 0 and written["erase_fill"] == erase_fill
     assert written["seed"] == 3                                     # the runs' accuracy moves with it: recorded
     assert written["cuda_graph"] == written["compile"] == (DEVICE.type == "cuda")     # on by default on a GPU only
+    assert written["tta_shift"] == 1 and written["sam_epochs"] == 0          # the defaults; 2/15 of 1 epoch is none
+    assert written["test_acc_no_shift"] == written["history"][-1]["test_acc"]   # the flip alone, as each epoch
+    assert 0.0 <= written["test_acc_no_flip"] <= 1.0 and 0.0 <= written["test_acc_raw"] <= 1.0
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert saved["size"] == "tiny" and len(saved["classes"]) == 10
 
@@ -96,12 +100,16 @@ def test_the_test_time_shifts_predict_from_the_logits_of_all_the_views():
     assert evaluate(flip_only) == pytest.approx((logits(flip_only).argmax(-1) == labels).float().mean().item())
 
 
-def test_a_run_with_test_time_shifts_reports_its_accuracy_with_and_without_them(tmp_path):
-    metrics = train_cifar.main([*SMOKE, "--epochs", "1", "--tta-shift", "1", "--out", str(tmp_path)])
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["tta_shift"] == 1 and written["test_acc"] == metrics["test_acc"]
-    assert written["test_acc_no_shift"] == written["history"][-1]["test_acc"]   # the flip alone, as each epoch
-    assert 0.0 <= written["test_acc_no_flip"] <= 1.0 and 0.0 <= written["test_acc_raw"] <= 1.0
+def test_without_test_time_shifts_the_final_accuracy_is_the_last_epochs(tmp_path):
+    metrics = train_cifar.main([*SMOKE, "--epochs", "1", "--out", str(tmp_path)])     # SMOKE: --tta-shift 0
+    assert metrics["tta_shift"] == 0 and "test_acc_no_shift" not in metrics
+    assert metrics["test_acc"] == metrics["history"][-1]["test_acc"]
+
+
+@pytest.mark.parametrize("epochs, sam_epochs", [(300, 40), (150, 20), (16, 2), (15, 2), (14, 1), (7, 0), (1, 0)])
+def test_sam_takes_the_last_two_fifteenths_of_the_epochs_by_default(epochs, sam_epochs):
+    assert train_cifar.parse_args(["--epochs", str(epochs)]).sam_epochs == sam_epochs
+    assert train_cifar.parse_args(["--epochs", str(epochs), "--sam-epochs", "0"]).sam_epochs == 0
 
 
 def test_a_test_time_shift_out_of_the_image_is_a_clear_error(tmp_path):
@@ -171,6 +179,14 @@ def test_a_checkpoint_from_before_the_optimizer_option_resumes_with_adamw(tmp_pa
     metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--optimizer", "adamw"],
                                             lambda args: args.pop("optimizer"))  # saved before the option existed
     assert metrics["complete"] and metrics["optimizer"] == "adamw"
+
+
+def test_a_checkpoint_from_before_sam_and_the_shifts_resumes_with_neither(tmp_path, monkeypatch):
+    def saved_before_the_options(args):
+        args.pop("sam_epochs"), args.pop("tta_shift")
+    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--sam-epochs", "0"],
+                                            saved_before_the_options)
+    assert metrics["complete"] and metrics["sam_epochs"] == 0 and metrics["tta_shift"] == 0
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
