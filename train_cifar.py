@@ -258,9 +258,9 @@ def main(argv=None) -> dict:
     def train_step(images: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor, ema_weight: torch.Tensor,
                    sam: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step — with sam, on the gradient taken again at the weights moved up the loss (each process
-        its own ascent, as the SAM paper's per-accelerator batches) — then the EMA update; returns the loss and the
-        number of correct predictions of the own labels (GPU scalars). GPU work only, so that --cuda-graph can
-        capture it."""
+        its own ascent, as the SAM paper's per-accelerator batches; under DDP, whose backward averages the gradients,
+        the ascent of their mean) — then the EMA update; returns the loss and the number of correct predictions of
+        the own labels (GPU scalars). GPU work only, so that --cuda-graph can capture it."""
         loss, logits = backward(images, labels, lam)
         if sam:
             with sharpness_aware(model, args.sam_rho):

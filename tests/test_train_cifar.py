@@ -211,10 +211,12 @@ def run_script(*args: str, processes: int = 0) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_under_torchrun_train_together(tmp_path):
-    result = run_script(*SMOKE, "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path), processes=2)
+    result = run_script(*SMOKE, "--batch-size", "16", "--epochs", "2", "--sam-epochs", "1", "--tta-shift", "1",
+                        "--out", str(tmp_path), processes=2)        # the defaults' SAM and shifts, under DDP too
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["complete"] and metrics["world_size"] == 2 and metrics["batch_size"] == 32   # 16 per process
+    assert metrics["sam_epochs"] == 1 and metrics["tta_shift"] == 1 and "test_acc_no_shift" in metrics
     assert result.stdout.count("test accuracy") == 3                 # rank 0 alone logs: 2 epochs and the end
 
 
