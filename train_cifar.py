@@ -148,11 +148,9 @@ def main(argv=None) -> dict:
                              ("model", "ema", "optimizer", "scheduler", "state", "args"),
                              f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
-        resumed["args"].setdefault("optimizer", "adamw")                 # runs saved before --optimizer used AdamW
-        for option in ("sam_epochs", "tta_shift"):                       # and before these options, neither
-            resumed["args"].setdefault(option, 0)
-        args = argparse.Namespace(**{**vars(parse_args([])), **resumed["args"], **given, "out": args.out,
-                                     "resume": True,                     # options newer than the run: defaults
+        before_options = dict(optimizer="adamw", sam_epochs=0, tta_shift=0)  # what runs saved before them used
+        args = argparse.Namespace(**{**vars(parse_args([])), **before_options, **resumed["args"], **given,
+                                     "out": args.out, "resume": True,    # other options newer than the run: defaults
                                      "cuda_graph": args.cuda_graph,      # how to run the step, not the recipe
                                      "compile": args.compile})
     out = output_folder(out)                                     # before any work: a clear error if it cannot be

@@ -183,7 +183,7 @@ def test_a_checkpoint_from_before_the_optimizer_option_resumes_with_adamw(tmp_pa
 
 def test_a_checkpoint_from_before_sam_and_the_shifts_resumes_with_neither(tmp_path, monkeypatch):
     def saved_before_the_options(args):
-        args.pop("sam_epochs"), args.pop("tta_shift")
+        del args["sam_epochs"], args["tta_shift"]
     metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--sam-epochs", "0"],
                                             saved_before_the_options)
     assert metrics["complete"] and metrics["sam_epochs"] == 0 and metrics["tta_shift"] == 0
