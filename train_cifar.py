@@ -14,8 +14,9 @@ at 1.0, bf16 autocast on GPU, an EMA of the weights (the model that is evaluated
 random erasing computed on the GPU (CutMix with --mix P, off by default), sharpness-aware minimization (SAM) in the
 last 2/15 of the epochs (--sam-epochs N: the last N; 0: off), and at test time the average of each image's logits and
 its mirror image's (--no-tta: off), which the final evaluation also takes over the image moved by up to 1 pixel each
-way (--tta-shift N: up to N; 0: off), the (2N + 1)² training crops that stay closest to it, each mirrored too. The
-whole dataset is a GPU tensor.
+way (--tta-shift N: up to N; 0: off), the (2N + 1)² training crops that stay closest to it, each mirrored too;
+--clean-epochs N trains the last N epochs on such images (no random erasing or CutMix, crops within the shifts; off by
+default). The whole dataset is a GPU tensor.
 On a GPU the model is trained through torch.compile (its many small elementwise kernels fused) and the training step
 is captured once in a CUDA graph and replayed (GraphedStep); several GPUs then average their gradients with one
 all-reduce inside the graph (average_gradients), and without the graph through DistributedDataParallel.
@@ -80,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "taken at the weights moved --sam-rho up the loss; two forward/backward passes a step\n"
                         "(default: the last 2/15 of the epochs, rounded down: 40 of 300; 0: off)")
     p.add_argument("--sam-rho", type=bounded(float, 0, open_low=True), default=0.05, help="SAM's radius ρ")
+    p.add_argument("--clean-epochs", type=bounded(int, 0), default=0,
+                   help="the last N epochs train on images like the final test-time views: no random erasing or\n"
+                        "CutMix, crops shifted by at most --tta-shift pixels (0: off; README: not yet the default)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
     p.add_argument("--tta-shift", type=bounded(int, 0), default=1,
@@ -105,8 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.weight_decay = {"sgd": 5e-4, "adamw": 0.05}[args.optimizer]
     if args.sam_epochs is None:
         args.sam_epochs = args.epochs * 2 // 15                  # SAM in the last 40 of 300 epochs (README)
-    if args.sam_epochs > args.epochs:
-        p.error("--sam-epochs must be at most --epochs")
+    for name in ("sam_epochs", "clean_epochs"):
+        if getattr(args, name) > args.epochs:
+            p.error(f"--{name.replace('_', '-')} must be at most --epochs")
     return args
 
 
@@ -290,7 +295,7 @@ def main(argv=None) -> dict:
                        batch_size=global_batch, optimizer=args.optimizer, lr=lr,
                        weight_decay=args.weight_decay, drop_path=model.config.drop_path,
                        crop_pad=args.crop_pad, erase_p=args.erase_p, erase_fill=args.erase_fill, mix=args.mix,
-                       sam_epochs=args.sam_epochs, sam_rho=args.sam_rho,
+                       sam_epochs=args.sam_epochs, sam_rho=args.sam_rho, clean_epochs=args.clean_epochs,
                        tta=args.tta, tta_shift=args.tta_shift, seed=args.seed, cuda_graph=args.cuda_graph,
                        compile=args.compile,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -311,12 +316,15 @@ def main(argv=None) -> dict:
             started, images_before = time.perf_counter(), state["images"]
             first_step = state["step_in_epoch"]
             step_fn = steps[epoch >= args.epochs - args.sam_epochs]
+            clean = epoch >= args.epochs - args.clean_epochs             # the test-time views' images (--clean-epochs)
+            crop_pad, erase_p, mix = (min(args.crop_pad, args.tta_shift), 0.0, 0.0) if clean else \
+                (args.crop_pad, args.erase_p, args.mix)
             for i in range(first_step, len(batches)):
                 idx = batches[i]
                 seed_step((args.seed * 1_000_003 + state["step"]) * world + rank)   # augmentation, drop-path
-                images = data.augment(dataset.train_images[idx], mean, std, augment_rng, args.crop_pad, args.erase_p,
+                images = data.augment(dataset.train_images[idx], mean, std, augment_rng, crop_pad, erase_p,
                                       args.erase_fill)
-                images, lam = data.cutmix(images, augment_rng, args.mix)
+                images, lam = data.cutmix(images, augment_rng, mix)
                 if ema is not None:
                     ema_weight.fill_(ema.weight(state["step"] + 1))
                 loss, correct = step_fn(images, dataset.train_labels[idx], lam, ema_weight)

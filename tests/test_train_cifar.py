@@ -41,6 +41,7 @@ def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path, erase_fill
     assert written["seed"] == 3                                     # the runs' accuracy moves with it: recorded
     assert written["cuda_graph"] == written["compile"] == (DEVICE.type == "cuda")     # on by default on a GPU only
     assert written["tta_shift"] == 1 and written["sam_epochs"] == 0          # the defaults; 2/15 of 1 epoch is none
+    assert written["clean_epochs"] == 0                                      # off by default
     assert written["test_acc_no_shift"] == written["history"][-1]["test_acc"]   # the flip alone, as each epoch
     assert 0.0 <= written["test_acc_no_flip"] <= 1.0 and 0.0 <= written["test_acc_raw"] <= 1.0
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
@@ -133,7 +134,8 @@ def interrupt_at_step(monkeypatch, step: int):
 @pytest.mark.parametrize("options, step", [(["--optimizer", "sgd"], 2),   # mid-epoch 1 of 2 (3 steps per epoch);
                                            (["--optimizer", "adamw"], 2),  # each optimizer's state resumed
                                            (["--sam-epochs", "1"], 2),     # before SAM's last epoch, and
-                                           (["--sam-epochs", "1"], 5)])    # in the middle of it
+                                           (["--sam-epochs", "1"], 5),     # in the middle of it
+                                           (["--clean-epochs", "1"], 5)])  # in the middle of the clean epoch
 def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, options, step):
     run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5", *options]  # CutMix draws are resumed exactly too
     train_cifar.main(run + ["--out", str(tmp_path / "straight")])
@@ -183,10 +185,11 @@ def test_a_checkpoint_from_before_the_optimizer_option_resumes_with_adamw(tmp_pa
 
 def test_a_checkpoint_from_before_sam_and_the_shifts_resumes_with_neither(tmp_path, monkeypatch):
     def saved_before_the_options(args):
-        del args["sam_epochs"], args["tta_shift"]
+        del args["sam_epochs"], args["tta_shift"], args["clean_epochs"]
     metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--sam-epochs", "0"],
                                             saved_before_the_options)
     assert metrics["complete"] and metrics["sam_epochs"] == 0 and metrics["tta_shift"] == 0
+    assert metrics["clean_epochs"] == 0                              # newer than those runs: its default, off
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -295,6 +298,27 @@ def test_sam_steps_exactly_in_the_last_sam_epochs(tmp_path, monkeypatch):
                                         "--out", str(tmp_path)])
     assert ascents == [0.2] * 3                                              # 3 steps an epoch: the last epoch's
     assert metrics["sam_epochs"] == 1 and metrics["sam_rho"] == 0.2
+
+
+@pytest.mark.parametrize("crop_pad, tta_shift", [(3, 0), (3, 1), (1, 6)])
+def test_the_last_clean_epochs_train_without_erasing_or_cutmix_and_with_crops_within_the_test_time_shifts(
+        tmp_path, monkeypatch, crop_pad, tta_shift):
+    calls = []                                                   # [pad, erase_p, CutMix's p] of each batch
+    augment, cutmix = data.augment, data.cutmix
+    def recorded_augment(images, mean, std, generator, pad, erase_p, erase_fill):
+        calls.append([pad, erase_p])
+        return augment(images, mean, std, generator, pad, erase_p, erase_fill)
+    def recorded_cutmix(images, generator, p):
+        calls[-1].append(p)
+        return cutmix(images, generator, p)
+    monkeypatch.setattr(data, "augment", recorded_augment)
+    monkeypatch.setattr(data, "cutmix", recorded_cutmix)
+    monkeypatch.setattr(train_cifar, "evaluate", lambda *args: 0.5)  # 338 test-time views at --tta-shift 6: minutes
+    metrics = train_cifar.main(SMOKE[:-1] + [str(tta_shift), "--epochs", "3", "--clean-epochs", "2",
+                                             "--crop-pad", str(crop_pad), "--erase-p", "0.7", "--mix", "0.4",
+                                             "--out", str(tmp_path)])
+    assert calls == [[crop_pad, 0.7, 0.4]] * 3 + [[min(crop_pad, tta_shift), 0.0, 0.0]] * 6   # 3 steps an epoch
+    assert metrics["clean_epochs"] == 2 and metrics["complete"]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -407,6 +431,8 @@ def test_a_bounded_option_takes_exactly_the_finite_numbers_of_its_range(value, l
     (train_cifar, ["--mix", "-0.1"], "--mix: -0.1: must be in [0, 1]"),
     (train_cifar, ["--sam-epochs", "-1"], "--sam-epochs: -1: must be at least 0"),
     (train_cifar, ["--sam-epochs", "301"], "--sam-epochs must be at most --epochs"),
+    (train_cifar, ["--clean-epochs", "-1"], "--clean-epochs: -1: must be at least 0"),
+    (train_cifar, ["--epochs", "10", "--clean-epochs", "11"], "--clean-epochs must be at most --epochs"),
     (train_cifar, ["--epochs", "2.5"], "--epochs: invalid int value"),
     (train_cifar, ["--optimizer", "lamb"], "--optimizer: invalid choice"),
     (train_llava, ["--batch-size", "0"], "--batch-size: 0: must be at least 1"),
