@@ -11,8 +11,8 @@ def make_problem(batch: int, d_inner: int, d_state: int, seqlen: int, seed: int 
                  z: bool = True, delta_bias: bool = True, delta_softplus: bool = True, initial_state: bool = True,
                  B_per_step: bool = True, C_per_step: bool = True, dtype=torch.float32, device="cpu") -> dict:
     """Keyword arguments of selective_scan: inputs in `dtype`, parameters A, D, delta_bias, initial_state in fp32.
-    Δ is kept positive without softplus, its bias too (a negative Δ with a negative A would make the state grow
-    exponentially, until the reference itself overflows)."""
+    Δ is kept positive without softplus, and its bias non-negative (a negative Δ with a negative A would make the
+    state grow exponentially, until the reference itself overflows)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0, low_precision=True):
@@ -21,7 +21,7 @@ def make_problem(batch: int, d_inner: int, d_state: int, seqlen: int, seed: int 
 
     delta = (randn(batch, d_inner, seqlen, scale=0.5) if delta_softplus
              else (0.02 + 0.5 * torch.rand(batch, d_inner, seqlen, generator=g)).to(device=device, dtype=dtype))
-    positive = (lambda x: x) if delta_softplus else torch.abs                  # Δ + its bias > 0 without softplus
+    non_negative = (lambda x: x) if delta_softplus else torch.abs          # without softplus: bias ≥ 0, Δ + bias > 0
     return dict(
         u=randn(batch, d_inner, seqlen),
         delta=delta,
@@ -30,7 +30,7 @@ def make_problem(batch: int, d_inner: int, d_state: int, seqlen: int, seed: int 
         C=randn(batch, d_state, seqlen) if C_per_step else randn(d_inner, d_state, low_precision=False),
         D=randn(d_inner, low_precision=False) if D else None,
         z=randn(batch, d_inner, seqlen) if z else None,
-        delta_bias=positive(randn(d_inner, scale=0.5, low_precision=False)) if delta_bias else None,
+        delta_bias=non_negative(randn(d_inner, scale=0.5, low_precision=False)) if delta_bias else None,
         delta_softplus=delta_softplus,
         initial_state=randn(batch, d_inner, d_state, low_precision=False) if initial_state else None,
     )
