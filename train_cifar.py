@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam-rho", type=bounded(float, 0, open_low=True), default=0.05, help="SAM's radius ρ")
     p.add_argument("--clean-epochs", type=bounded(int, 0), default=0,
                    help="the last N epochs train on images like the final test-time views: no random erasing or\n"
-                        "CutMix, crops shifted by at most --tta-shift pixels (0: off; README: not yet the default)")
+                        "CutMix, crops shifted by at most --tta-shift pixels (0: off, the default: the README has\n"
+                        "three draws, no gain)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip: average the logits of each test image and its mirror image")
     p.add_argument("--tta-shift", type=bounded(int, 0), default=1,
