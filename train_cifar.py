@@ -155,7 +155,10 @@ def main(argv=None) -> dict:
                              f"--resume: no checkpoint at {checkpoint_path}; start a run with the same --out first")
         given = {k: getattr(args, k) for k in ("device", "data_dir") if getattr(args, k) is not None}
         before_options = dict(optimizer="adamw", sam_epochs=0, tta_shift=0)  # what runs saved before them used
-        args = argparse.Namespace(**{**vars(parse_args([])), **before_options, **resumed["args"], **given,
+        saved = resumed["args"]
+        if saved.get("drop_path") is None and saved.get("model") == "small":    # saved as "the size's rate" before
+            saved = {**saved, "drop_path": 0.1}                                 # small's became 0.05 (2026-12-02)
+        args = argparse.Namespace(**{**vars(parse_args([])), **before_options, **saved, **given,
                                      "out": args.out, "resume": True,    # other options newer than the run: defaults
                                      "cuda_graph": args.cuda_graph,      # how to run the step, not the recipe
                                      "compile": args.compile})
@@ -188,6 +191,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)                                         # the same initial weights on every rank
     model = build_model(args.model, channels, len(dataset.classes), drop_path=args.drop_path
                         ).to(device, memory_format=torch.channels_last)
+    args.drop_path = model.config.drop_path                      # checkpoints keep the rate, not "the size's"
     params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, args.ema) if args.ema > 0 else None
     groups, fused = param_groups(model, args.weight_decay), device.type == "cuda"

@@ -192,6 +192,14 @@ def test_a_checkpoint_from_before_sam_and_the_shifts_resumes_with_neither(tmp_pa
     assert metrics["clean_epochs"] == 0                              # newer than those runs: its default, off
 
 
+def test_a_small_checkpoint_from_before_its_rate_changed_resumes_with_drop_path_0_1(tmp_path, monkeypatch):
+    def saved_as_the_sizes_rate(args):
+        assert args["drop_path"] == 0.05                         # runs save the rate itself: small's, today
+        args["drop_path"] = None                                 # as runs saved it before small's rate was 0.1 → 0.05
+    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--model", "small"], saved_as_the_sizes_rate)
+    assert metrics["complete"] and metrics["drop_path"] == 0.1
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     train_cifar.main(SMOKE + ["--epochs", "1", "--out", str(tmp_path)])
     good = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
