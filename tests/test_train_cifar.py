@@ -195,7 +195,7 @@ def test_a_checkpoint_from_before_sam_and_the_shifts_resumes_with_neither(tmp_pa
 def test_a_small_checkpoint_from_before_its_rate_changed_resumes_with_drop_path_0_1(tmp_path, monkeypatch):
     def saved_as_the_sizes_rate(args):
         assert args["drop_path"] == 0.05                         # runs save the rate itself: small's, today
-        args["drop_path"] = None                                 # as runs saved it before small's rate was 0.1 → 0.05
+        args["drop_path"] = None                                 # as runs saved it while small's rate was 0.1
     metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--model", "small"], saved_as_the_sizes_rate)
     assert metrics["complete"] and metrics["drop_path"] == 0.1
 
