@@ -264,12 +264,11 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-            pad: int = 4, erase_p: float = 0.5, erase_fill: str = "mean") -> torch.Tensor:
+            pad: int = 4, erase_p: float = 0.5) -> torch.Tensor:
     """The training augmentation of uint8 images (b, c, h, w), on whatever device they live, -> normalised floats:
     a random crop of the image padded by `pad` black pixels (a shift of up to ±pad), a horizontal flip with
     probability ½, and random erasing (Zhong et al. 2017): with probability erase_p, a rectangle of 2-40% of the area
-    with aspect ratio 0.3-3.3 is set to the mean (erase_fill "mean": 0 once normalised) or to random pixels, each
-    uniform in [0, 255] like the paper's RE-R ("random")."""
+    with aspect ratio 0.3-3.3 is set to the mean (0 once normalised)."""
     b, c, h, w = images.shape
     dev = images.device
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
@@ -289,35 +288,7 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generat
     inside = ((y >= top[:, None, None]) & (y < (top + eh)[:, None, None]) &
               (x >= left[:, None, None]) & (x < (left + ew)[:, None, None]))    # (b, h, w)
     erase = inside & (rand(b) < erase_p)[:, None, None]
-    out = normalize(crops, mean, std)
-    if erase_fill == "random":
-        noise = (rand(*out.shape) - mean[:, None, None]) / std[:, None, None]   # uniform pixels, normalised
-        return torch.where(erase[:, None], noise, out)
-    return out.masked_fill(erase[:, None], 0.0)
-
-
-def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Images (b, c, h, w) moved dy pixels down and dx right (negative: up, left), the uncovered border black — one
-    of the training crops (augment), as a fixed test-time view."""
-    return torch.nn.functional.pad(images, (dx, -dx, dy, -dy))                   # a negative pad crops
-
-
-def cutmix(images: torch.Tensor, generator: torch.Generator, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix (Yun et al. 2019) on a batch of images (b, c, h, w): with probability p, one rectangle — side √(1-λ) of
-    the image's, λ ~ U(0, 1), its centre anywhere, clipped at the border — is pasted into every image from the next
-    image of the batch (a roll by one). Returns (images, lam): lam, a GPU scalar, is the share of each image still its
-    own (1 when nothing was pasted); the loss weighs each image's label by lam and its neighbour's by 1 - lam."""
-    b, c, h, w = images.shape
-    dev = images.device
-    if p == 0:                                                                     # off: no draws, no copies
-        return images, torch.ones((), device=dev)
-    lam, cy, cx, coin = torch.rand(4, generator=generator, device=dev)
-    side = (1 - lam).sqrt() * (coin < p)                                           # 0: no rectangle
-    y = torch.arange(h, device=dev)[:, None]                                       # (h, 1)
-    x = torch.arange(w, device=dev)[None, :]                                       # (1, w)
-    inside = ((y - cy * h).abs() < side * h / 2) & ((x - cx * w).abs() < side * w / 2)   # (h, w)
-    mixed = torch.where(inside, images.roll(1, 0), images)
-    return mixed, 1 - inside.float().mean()
+    return normalize(crops, mean, std).masked_fill(erase[:, None], 0.0)
 
 
 def train_batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1

@@ -1,8 +1,8 @@
 """What both training scripts share: device and process set-up, range checks of their options and their output folder
 (bench.py uses these two as well), the optimizer's parameter groups, warmup + cosine, an exponential moving average of
-the weights, sharpness-aware minimization's ascent (Foret et al. 2021, section 2), a training step replayed from a CUDA
-graph (with the gradient average across GPUs inside it, and its teardown), checkpoints that survive interruption
-(written while training goes on) and are checked when read, and Ctrl-C handling.
+the weights, a training step replayed from a CUDA graph (with the gradient average across GPUs inside it, and its
+teardown), checkpoints that survive interruption (written while training goes on) and are checked when read, and
+Ctrl-C handling.
 
 Nothing here is specific to a model; train_cifar.py and train_llava.py read top to bottom with these as verbs.
 """
@@ -121,27 +121,6 @@ class EMA:
         buffers = list(self.model.buffers())
         if buffers:                                                      # (a model may have none)
             torch._foreach_copy_(buffers, list(model.buffers()))
-
-
-@contextlib.contextmanager
-def sharpness_aware(model: nn.Module, rho: float) -> Iterator[None]:
-    """SAM (Foret et al. 2021, section 2): inside the block the weights are w + ε, ε = ρ · g / ‖g‖ with g the gradient
-    now in .grad — the steepest ascent of the loss within radius ρ — so that a backward pass there gives SAM's
-    gradient ∇L(w + ε). On leaving, the weights are w again, exactly (the new gradient stays in .grad for the
-    optimizer), and so are the buffers (BatchNorm's running statistics count the pass at w, not the one at w + ε).
-    GPU work only: a CUDA graph can capture it."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    state = [*params, *model.buffers()]
-    saved = [t.detach().clone() for t in state]
-    with torch.no_grad():
-        torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(state, saved)
 
 
 class GraphedStep:

@@ -49,13 +49,13 @@ class VisionConfig:
     expand: int = 1
     mlp_ratio: int = 4
     head_dim: int = 32
-    drop_path: float = 0.05                         # the last block's drop-path rate; earlier ones scale linearly
+    drop_path: float = 0.1                          # the last block's drop-path rate; earlier ones scale linearly
     layer_scale: float = 0.1                        # γ's initial value (see the adaptations above)
 
 
 SIZES = {
     "tiny": dict(dims=(32, 64, 128, 256), depths=(1, 2, 2, 2), drop_path=0.05),
-    "small": dict(dims=(64, 128, 256, 512), depths=(2, 4, 4, 2), drop_path=0.05),
+    "small": dict(dims=(64, 128, 256, 512), depths=(2, 4, 4, 2), drop_path=0.1),
     "base": dict(dims=(96, 192, 384, 768), depths=(1, 3, 8, 4), drop_path=0.2),
 }
 

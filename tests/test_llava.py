@@ -117,7 +117,7 @@ def test_superclass_questions_only_where_the_dataset_has_superclasses():
 
 def test_smoke_run_of_train_llava_on_synthetic(tmp_path):
     train_cifar.main(["--dataset", "synthetic", "--model", "tiny", "--limit", "64", "--batch-size", "32",
-                      "--epochs", "1", "--tta-shift", "0", "--device", "cpu", "--out", str(tmp_path / "vision")])
+                      "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "vision")])
     metrics = train_llava.main(["--vision-ckpt", str(tmp_path / "vision" / "model.pt"), "--limit", "24",
                                 "--batch-size", "8", "--stage0-steps", "2", "--d-model", "16", "--layers", "1",
                                 "--device", "cpu", "--out", str(tmp_path / "llava")])

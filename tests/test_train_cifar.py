@@ -19,31 +19,26 @@ from hypothesis import given, settings, strategies as st
 import train_cifar
 import train_llava
 from mini_mamba import data
-from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, average_gradients, bounded, broadcast_,
-                                 sharpness_aware)
+from mini_mamba.training import EMA, CheckpointWriter, GraphedStep, average_gradients, bounded, broadcast_
 from tests.conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--limit", "96", "--batch-size", "32"]
-SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu",      # on the CPU: bit-exact, for resume and NaN;
-         "--tta-shift", "0"]                      # the final 18 test-time views take seconds there: only where tested
+SMOKE = ["--dataset", "synthetic", *TINY, "--device", "cpu"]      # on the CPU: bit-exact, for resume and NaN
 
 
-@pytest.mark.parametrize("erase_fill", ["mean", "random"])
-def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path, erase_fill):
+def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "1", "--device", DEVICE.type,
-                                "--erase-fill", erase_fill, "--seed", "3", "--out", str(tmp_path)])
+                                "--seed", "3", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("dataset", "epochs", "test_acc", "params", "train_time_s", "images_per_s"):
         assert key in written
     assert written["complete"] and written["dataset"] == "synthetic" and 0.0 <= written["test_acc"] <= 1.0
-    assert written["test_acc"] == metrics["test_acc"] and written["params"] > 0 and written["erase_fill"] == erase_fill
+    assert written["test_acc"] == metrics["test_acc"] == written["history"][-1]["test_acc"] and written["params"] > 0
     assert written["seed"] == 3                                     # the runs' accuracy moves with it: recorded
     assert written["cuda_graph"] == written["compile"] == (DEVICE.type == "cuda")     # on by default on a GPU only
-    assert written["tta_shift"] == 1 and written["sam_epochs"] == 0          # the defaults; 2/15 of 1 epoch is none
-    assert written["clean_epochs"] == 0                                      # off by default
-    assert written["test_acc_no_shift"] == written["history"][-1]["test_acc"]   # the flip alone, as each epoch
     assert 0.0 <= written["test_acc_no_flip"] <= 1.0 and 0.0 <= written["test_acc_raw"] <= 1.0
+    assert written["total_time_s"] > written["train_time_s"] > 0    # the final evaluation counts in the total
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert saved["size"] == "tiny" and len(saved["classes"]) == 10
 
@@ -55,7 +50,8 @@ def test_smoke_run_on_fashion_mnist(tmp_path):
     assert metrics["dataset"] == "fashion-mnist" and metrics["history"][0]["epoch"] == 1
 
 
-def test_the_test_time_flip_predicts_from_the_logits_of_the_image_plus_those_of_its_mirror_image():
+def test_the_test_time_flip_predicts_from_the_logits_of_the_image_plus_those_of_its_mirror_image(monkeypatch):
+    monkeypatch.setattr(train_cifar, "EVAL_BATCH", 16)              # several batches
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 5, 4))     # not mirror-symmetric
     images = torch.randint(0, 256, (40, 2, 3, 5), dtype=torch.uint8)
@@ -66,101 +62,60 @@ def test_the_test_time_flip_predicts_from_the_logits_of_the_image_plus_those_of_
     labels = both.argmax(-1)                                         # right for every image with the flip
     assert not torch.equal(plain.argmax(-1), labels)                 # the flip changes some predictions
     off = torch.autocast("cpu", enabled=False)
-    evaluate = lambda flip: train_cifar.evaluate(model, images, labels, mean, std, 16, 0, 1, off,
-                                                 train_cifar.tta_views(0, flip))
+    evaluate = lambda flip: train_cifar.evaluate(model, images, labels, mean, std, 0, 1, off, flip)
     assert evaluate(True) == 1.0
     assert evaluate(False) == pytest.approx((plain.argmax(-1) == labels).float().mean().item())
 
 
-@pytest.mark.parametrize("shift", [0, 1, 2])
-@pytest.mark.parametrize("flip", [False, True])
-def test_the_test_time_views_are_every_shift_up_to_n_pixels_each_way_each_mirrored_with_the_flip(shift, flip):
-    views = train_cifar.tta_views(shift, flip)
-    moves = range(-shift, shift + 1)
-    assert sorted(views) == sorted((dy, dx, m) for dy in moves for dx in moves for m in {False, flip})
-    assert len(views) == (2 * shift + 1) ** 2 * (2 if flip else 1)
-
-
-def test_the_test_time_shifts_predict_from_the_logits_of_all_the_views():
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6 * 6, 5))
-    images = torch.randint(0, 256, (60, 1, 6, 6), dtype=torch.uint8)
-    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
-
-    @torch.no_grad()
-    def logits(views):                                               # summed over the views, by hand
-        moved = lambda dy, dx: data.normalize(data.shift(images, dy, dx), mean, std)
-        return sum(model(moved(dy, dx).flip(-1) if mirrored else moved(dy, dx)) for dy, dx, mirrored in views)
-
-    views, flip_only = train_cifar.tta_views(1, True), train_cifar.tta_views(0, True)
-    labels = logits(views).argmax(-1)                                # right for every image with all 18 views
-    assert not torch.equal(logits(flip_only).argmax(-1), labels)     # the shifts change some predictions
-    off = torch.autocast("cpu", enabled=False)
-    evaluate = lambda views: train_cifar.evaluate(model, images, labels, mean, std, 16, 0, 1, off, views)
-    assert evaluate(views) == 1.0
-    assert evaluate(flip_only) == pytest.approx((logits(flip_only).argmax(-1) == labels).float().mean().item())
-
-
-def test_without_test_time_shifts_the_final_accuracy_is_the_last_epochs(tmp_path):
-    metrics = train_cifar.main([*SMOKE, "--epochs", "1", "--out", str(tmp_path)])     # SMOKE: --tta-shift 0
-    assert metrics["tta_shift"] == 0 and "test_acc_no_shift" not in metrics
-    assert metrics["test_acc"] == metrics["history"][-1]["test_acc"]
-
-
-@pytest.mark.parametrize("epochs, sam_epochs", [(300, 40), (150, 20), (16, 2), (15, 2), (14, 1), (7, 0), (1, 0)])
-def test_sam_takes_the_last_two_fifteenths_of_the_epochs_by_default(epochs, sam_epochs):
-    assert train_cifar.parse_args(["--epochs", str(epochs)]).sam_epochs == sam_epochs
-    assert train_cifar.parse_args(["--epochs", str(epochs), "--sam-epochs", "0"]).sam_epochs == 0
-
-
-def test_a_test_time_shift_out_of_the_image_is_a_clear_error(tmp_path):
-    result = run_script(*SMOKE, "--epochs", "1", "--tta-shift", "16", "--out", str(tmp_path))   # 32×32 images
-    assert result.returncode == 2 and "--tta-shift 16 would move the 32×32 images out of view" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def interrupt_at_step(monkeypatch, step: int):
-    """Deliver a real SIGINT (Ctrl-C) to this process while the given training step is being prepared."""
+def interrupt_at_call(monkeypatch, function: str, call: int):
+    """Deliver a real SIGINT (Ctrl-C) to this process at the given call of data.<function> (augment: each training
+    step; eval_batches: each evaluation)."""
     calls = {"n": 0}
-    augment = data.augment
-    def augment_then_interrupt(*args, **kwargs):
+    original = getattr(data, function)
+    def then_interrupt(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == step:
+        if calls["n"] == call:
             os.kill(os.getpid(), signal.SIGINT)
-        return augment(*args, **kwargs)
-    monkeypatch.setattr(train_cifar.data, "augment", augment_then_interrupt)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(data, function, then_interrupt)
 
 
-@pytest.mark.parametrize("options, step", [(["--optimizer", "sgd"], 2),   # mid-epoch 1 of 2 (3 steps per epoch);
-                                           (["--optimizer", "adamw"], 2),  # each optimizer's state resumed
-                                           (["--sam-epochs", "1"], 2),     # before SAM's last epoch, and
-                                           (["--sam-epochs", "1"], 5),     # in the middle of it
-                                           (["--clean-epochs", "1"], 5)])  # in the middle of the clean epoch
-def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, options, step):
-    run = SMOKE + ["--epochs", "2", "--seed", "3", "--mix", "0.5", *options]  # CutMix draws are resumed exactly too
-    train_cifar.main(run + ["--out", str(tmp_path / "straight")])
+@pytest.mark.parametrize("function, call, epoch, step_in_epoch", [
+    ("augment", 2, 0, 2),          # in the middle of epoch 1 of 2 (3 steps an epoch)
+    ("augment", 5, 1, 2),          # in the middle of epoch 2
+    ("eval_batches", 1, 0, 3),     # in the evaluation after epoch 1: its steps are kept
+    ("eval_batches", 3, 2, 0),     # in the final evaluation: every epoch is kept
+])
+def test_resume_after_an_interruption_gives_the_run_of_an_uninterrupted_one(tmp_path, monkeypatch, function, call,
+                                                                           epoch, step_in_epoch):
+    run = SMOKE + ["--epochs", "2", "--seed", "3"]
+    straight = train_cifar.main(run + ["--out", str(tmp_path / "straight")])
 
-    interrupt_at_step(monkeypatch, step)
+    interrupt_at_call(monkeypatch, function, call)
     with pytest.raises(SystemExit) as stopped:
         train_cifar.main(run + ["--out", str(tmp_path / "resumed")])
     assert stopped.value.code == 130
     saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
-    assert saved["state"]["epoch"] == (step - 1) // 3 and 0 < saved["state"]["step_in_epoch"] < 3
+    assert (saved["state"]["epoch"], saved["state"]["step_in_epoch"]) == (epoch, step_in_epoch)
     monkeypatch.undo()
-    train_cifar.main(["--resume", "--out", str(tmp_path / "resumed")])      # device and recipe from the checkpoint
+    resumed = train_cifar.main(["--resume", "--out", str(tmp_path / "resumed")])   # device, recipe: the checkpoint's
 
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    for key in ("test_acc", "test_acc_raw", "test_acc_no_flip"):
+        assert resumed[key] == straight[key]
+    for mine, theirs in zip(resumed["history"], straight["history"]):
+        assert {k: v for k, v in mine.items() if k != "images_per_s"} == pytest.approx(
+            {k: v for k, v in theirs.items() if k != "images_per_s"})          # whole epochs, though interrupted
+    weights = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=False) for run in ("straight", "resumed")]
     for key in ("model", "ema"):
-        assert straight[key].keys() == resumed[key].keys()
-        for name in straight[key]:
-            assert torch.equal(straight[key][name], resumed[key][name]), f"{key}.{name} differs after resume"
+        assert weights[0][key].keys() == weights[1][key].keys()
+        for name in weights[0][key]:
+            assert torch.equal(weights[0][key][name], weights[1][key][name]), f"{key}.{name} differs after resume"
 
 
 def resume_with_saved_args_edited(tmp_path, monkeypatch, options: list[str], edit) -> dict:
     """Interrupt a run with these options at its second step, apply edit to the args its checkpoint saved (as a run
     from another machine or an older version would have saved them), then --resume it; returns its metrics."""
-    interrupt_at_step(monkeypatch, 2)
+    interrupt_at_call(monkeypatch, "augment", 2)
     with pytest.raises(SystemExit):
         train_cifar.main(SMOKE + ["--epochs", "1", *options, "--out", str(tmp_path)])
     monkeypatch.undo()
@@ -177,27 +132,12 @@ def test_a_run_started_with_the_cuda_graph_resumes_on_a_cpu(tmp_path, monkeypatc
     assert metrics["complete"] and not metrics["cuda_graph"]
 
 
-def test_a_checkpoint_from_before_the_optimizer_option_resumes_with_adamw(tmp_path, monkeypatch):
-    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--optimizer", "adamw"],
-                                            lambda args: args.pop("optimizer"))  # saved before the option existed
-    assert metrics["complete"] and metrics["optimizer"] == "adamw"
-
-
-def test_a_checkpoint_from_before_sam_and_the_shifts_resumes_with_neither(tmp_path, monkeypatch):
-    def saved_before_the_options(args):
-        del args["sam_epochs"], args["tta_shift"], args["clean_epochs"]
-    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--sam-epochs", "0"],
-                                            saved_before_the_options)
-    assert metrics["complete"] and metrics["sam_epochs"] == 0 and metrics["tta_shift"] == 0
-    assert metrics["clean_epochs"] == 0                              # newer than those runs: its default, off
-
-
-def test_a_small_checkpoint_from_before_its_rate_changed_resumes_with_drop_path_0_1(tmp_path, monkeypatch):
-    def saved_as_the_sizes_rate(args):
-        assert args["drop_path"] == 0.05                         # runs save the rate itself: small's, today
-        args["drop_path"] = None                                 # as runs saved it while small's rate was 0.1
-    metrics = resume_with_saved_args_edited(tmp_path, monkeypatch, ["--model", "small"], saved_as_the_sizes_rate)
-    assert metrics["complete"] and metrics["drop_path"] == 0.1
+def test_a_checkpoint_of_an_older_version_with_options_that_are_gone_is_a_clear_error(tmp_path, monkeypatch,
+                                                                                      capsys):
+    with pytest.raises(SystemExit) as stopped:
+        resume_with_saved_args_edited(tmp_path, monkeypatch, [], lambda args: args.update(sam_epochs=40, mix=0.5))
+    assert stopped.value.code == 2
+    assert "older train_cifar.py with options that no longer exist (mix, sam_epochs)" in capsys.readouterr().err
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -222,12 +162,10 @@ def run_script(*args: str, processes: int = 0) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_under_torchrun_train_together(tmp_path):
-    result = run_script(*SMOKE, "--batch-size", "16", "--epochs", "2", "--sam-epochs", "1", "--tta-shift", "1",
-                        "--out", str(tmp_path), processes=2)        # the defaults' SAM and shifts, under DDP too
+    result = run_script(*SMOKE, "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path), processes=2)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["complete"] and metrics["world_size"] == 2 and metrics["batch_size"] == 32   # 16 per process
-    assert metrics["sam_epochs"] == 1 and metrics["tta_shift"] == 1 and "test_acc_no_shift" in metrics
     assert result.stdout.count("test accuracy") == 3                 # rank 0 alone logs: 2 epochs and the end
 
 
@@ -260,73 +198,6 @@ def test_missing_cifar_is_a_message_not_a_traceback(tmp_path):
                         str(tmp_path / "out"))
     assert result.returncode == 2
     assert "error: no cifar-100-python.tar.gz" in result.stderr and "Traceback" not in result.stderr
-
-
-class Quadratic(torch.nn.Module):
-    """loss(w) = ½ wᵀ H w, whose gradient is H w; each forward pass also counts itself in a buffer, as BatchNorm's
-    num_batches_tracked does."""
-
-    def __init__(self, w: torch.Tensor, H: torch.Tensor):
-        super().__init__()
-        self.w = torch.nn.Parameter(w.clone())
-        self.register_buffer("H", H)
-        self.register_buffer("passes", torch.zeros((), dtype=torch.long))
-
-    def forward(self) -> torch.Tensor:
-        self.passes += 1
-        return 0.5 * self.w @ self.H @ self.w
-
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 6), rho=st.floats(1e-3, 1.0), seed=st.integers(0, 2 ** 31))
-def test_sam_takes_the_gradient_at_the_weights_moved_rho_along_the_gradient_then_puts_them_back(n, rho, seed):
-    generator = torch.Generator().manual_seed(seed)
-    M = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    H, w = M @ M.T + torch.eye(n, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)
-    model = Quadratic(w, H)
-    model().backward()
-    g = H @ w
-    assert torch.allclose(model.w.grad, g)
-    with sharpness_aware(model, rho):
-        epsilon = model.w.detach() - w
-        assert torch.allclose(epsilon, rho * g / g.norm())                   # the steepest ascent of radius rho
-        model.w.grad = None
-        model().backward()
-    assert torch.equal(model.w.detach(), w) and model.passes.item() == 1     # w and the buffers as they were
-    assert torch.allclose(model.w.grad, H @ (w + epsilon))                   # SAM's gradient is kept
-
-
-def test_sam_steps_exactly_in_the_last_sam_epochs(tmp_path, monkeypatch):
-    ascents = []
-    def counted(model, rho):
-        ascents.append(rho)
-        return sharpness_aware(model, rho)
-    monkeypatch.setattr(train_cifar, "sharpness_aware", counted)
-    metrics = train_cifar.main(SMOKE + ["--epochs", "3", "--sam-epochs", "1", "--sam-rho", "0.2",
-                                        "--out", str(tmp_path)])
-    assert ascents == [0.2] * 3                                              # 3 steps an epoch: the last epoch's
-    assert metrics["sam_epochs"] == 1 and metrics["sam_rho"] == 0.2
-
-
-@pytest.mark.parametrize("crop_pad, tta_shift", [(3, 0), (3, 1), (1, 6)])
-def test_the_last_clean_epochs_train_without_erasing_or_cutmix_and_with_crops_within_the_test_time_shifts(
-        tmp_path, monkeypatch, crop_pad, tta_shift):
-    calls = []                                                   # [pad, erase_p, CutMix's p] of each batch
-    augment, cutmix = data.augment, data.cutmix
-    def recorded_augment(images, mean, std, generator, pad, erase_p, erase_fill):
-        calls.append([pad, erase_p])
-        return augment(images, mean, std, generator, pad, erase_p, erase_fill)
-    def recorded_cutmix(images, generator, p):
-        calls[-1].append(p)
-        return cutmix(images, generator, p)
-    monkeypatch.setattr(data, "augment", recorded_augment)
-    monkeypatch.setattr(data, "cutmix", recorded_cutmix)
-    monkeypatch.setattr(train_cifar, "evaluate", lambda *args: 0.5)  # 338 test-time views at --tta-shift 6: minutes
-    metrics = train_cifar.main(SMOKE[:-1] + [str(tta_shift), "--epochs", "3", "--clean-epochs", "2",
-                                             "--crop-pad", str(crop_pad), "--erase-p", "0.7", "--mix", "0.4",
-                                             "--out", str(tmp_path)])
-    assert calls == [[crop_pad, 0.7, 0.4]] * 3 + [[min(crop_pad, tta_shift), 0.0, 0.0]] * 6   # 3 steps an epoch
-    assert metrics["clean_epochs"] == 2 and metrics["complete"]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -428,7 +299,7 @@ def test_a_bounded_option_takes_exactly_the_finite_numbers_of_its_range(value, l
     (train_cifar, ["--limit", "-5"], "--limit: -5: must be at least 1"),
     (train_cifar, ["--lr", "0"], "--lr: 0: must be above 0"),
     (train_cifar, ["--clip", "-1"], "--clip: -1: must be above 0"),
-    (train_cifar, ["--sam-rho", "nan"], "--sam-rho: nan: must be above 0"),
+    (train_cifar, ["--lr", "nan"], "--lr: nan: must be above 0"),
     (train_cifar, ["--warmup-epochs", "-1"], "--warmup-epochs: -1: must be at least 0"),
     (train_cifar, ["--crop-pad", "-1"], "--crop-pad: -1: must be at least 0"),
     (train_cifar, ["--weight-decay", "-0.1"], "--weight-decay: -0.1: must be at least 0"),
@@ -436,13 +307,8 @@ def test_a_bounded_option_takes_exactly_the_finite_numbers_of_its_range(value, l
     (train_cifar, ["--label-smoothing", "1.5"], "--label-smoothing: 1.5: must be in [0, 1)"),
     (train_cifar, ["--drop-path", "1.0"], "--drop-path: 1.0: must be in [0, 1)"),
     (train_cifar, ["--erase-p", "2"], "--erase-p: 2: must be in [0, 1]"),
-    (train_cifar, ["--mix", "-0.1"], "--mix: -0.1: must be in [0, 1]"),
-    (train_cifar, ["--sam-epochs", "-1"], "--sam-epochs: -1: must be at least 0"),
-    (train_cifar, ["--sam-epochs", "301"], "--sam-epochs must be at most --epochs"),
-    (train_cifar, ["--clean-epochs", "-1"], "--clean-epochs: -1: must be at least 0"),
-    (train_cifar, ["--epochs", "10", "--clean-epochs", "11"], "--clean-epochs must be at most --epochs"),
     (train_cifar, ["--epochs", "2.5"], "--epochs: invalid int value"),
-    (train_cifar, ["--optimizer", "lamb"], "--optimizer: invalid choice"),
+    (train_cifar, ["--model", "huge"], "--model: invalid choice"),
     (train_llava, ["--batch-size", "0"], "--batch-size: 0: must be at least 1"),
     (train_llava, ["--layers", "0"], "--layers: 0: must be at least 1"),
     (train_llava, ["--d-model", "0"], "--d-model: 0: must be at least 1"),
@@ -515,17 +381,13 @@ def test_a_graphed_step_replays_the_eager_step_and_reads_its_tensors_at_each_rep
 
 
 @needs_cuda
-@pytest.mark.parametrize("optimizer, compile, sam",      # SAM: its own graph, captured after 11 more eager steps
-                         [("sgd", "--no-compile", "0"), ("adamw", "--no-compile", "0"), ("sgd", "--compile", "0"),
-                          ("sgd", "--compile", "6")])
-def test_smoke_run_with_cuda_graph(tmp_path, optimizer, compile, sam):
+@pytest.mark.parametrize("compile", ["--no-compile", "--compile"])
+def test_smoke_run_with_cuda_graph(tmp_path, compile):
     metrics = train_cifar.main(["--dataset", "synthetic", *TINY, "--epochs", "6", "--cuda-graph", "--device", "cuda",
-                                "--optimizer", optimizer, compile, "--sam-epochs", sam,
-                                "--out", str(tmp_path)])                                       # 18 steps: 11 eager,
-    losses = [h["train_loss"] for h in metrics["history"]]                                     # then replays
+                                compile, "--out", str(tmp_path)])                   # 18 steps: 11 eager, then replays
+    losses = [h["train_loss"] for h in metrics["history"]]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and 0.0 <= metrics["test_acc"] <= 1.0
-    assert losses[-1] < losses[0] and metrics["optimizer"] == optimizer
-    assert metrics["compile"] == (compile == "--compile")
+    assert losses[-1] < losses[0] and metrics["compile"] == (compile == "--compile")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
