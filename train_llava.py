@@ -75,9 +75,10 @@ def image_features(model: TinyLLaVA, images: torch.Tensor, mean, std, autocast, 
 
 
 def run_stage(model: TinyLLaVA, trainable: list[torch.nn.Module], steps: int, make_batch, lr: float, autocast,
-              title: str = "", stop: StopRequest | None = None) -> float:
+              title: str = "", stop: StopRequest | None = None) -> tuple[float, int]:
     """Train only the `trainable` modules for `steps` AdamW steps (warmup + cosine) on make_batch(step) ->
-    (input_ids, labels, image features or None); everything else stays frozen. Returns the last loss."""
+    (input_ids, labels, image features or None); everything else stays frozen. Returns the last loss and the number
+    of steps taken (fewer than `steps` after a stop request)."""
     model.requires_grad_(False)
     for module in trainable:
         module.requires_grad_(True)
@@ -100,14 +101,11 @@ def run_stage(model: TinyLLaVA, trainable: list[torch.nn.Module], steps: int, ma
         if stop is not None and stop.requested:
             break
     bar.close()
-    return loss.item()
+    return loss.item(), step + 1
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    device, _, _ = setup(args.device)
-    out = output_folder(args.out)                                # before any work: a clear error if it cannot be
+def load_task(args: argparse.Namespace, device: torch.device):
+    """The frozen vision model, the dataset it was trained on (on the device), and the questions' labels."""
     vision = load_vision(Path(args.vision_ckpt), device)
     name = args.dataset or vision.get("dataset")
     if name is None:
@@ -122,27 +120,14 @@ def main(argv=None) -> dict:
     if dataset.train_coarse is not None:                     # each class's superclass, read off the training labels
         pairs = dict(zip(dataset.train_labels.tolist(), dataset.train_coarse.tolist()))
         coarse_of = [pairs.get(c, 0) for c in range(len(dataset.classes))]
-    labels = Labels(dataset.classes, dataset.coarse_classes, coarse_of)
-    tokenizer = Tokenizer(labels.words())
-    torch.manual_seed(args.seed)
-    lm = MambaLM(MambaConfig(d_model=args.d_model, n_layers=args.layers, vocab_size=len(tokenizer)))
-    model = TinyLLaVA(vision["model"], lm, tokenizer.image_id).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    mean, std = vision["mean"].to(device), vision["std"].to(device)
-    train_features = image_features(model, dataset.train_images, mean, std, autocast)   # (n, h·w, d_vision)
-    test_features = image_features(model, dataset.test_images, mean, std, autocast)
-    n_image = train_features.shape[1]
-    with torch.no_grad():
-        logits = model.vision.head(test_features.mean(1))
-    encoder_acc = (logits.argmax(-1) == dataset.test_labels).float().mean().item()
-    print(f"tiny LLaVA on {name}: {len(tokenizer)}-word vocabulary, {n_image} image tokens of "
-          f"{train_features.shape[2]} features, language model {args.layers} × {args.d_model} "
-          f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")
+    return vision, name, dataset, Labels(dataset.classes, dataset.coarse_classes, coarse_of)
 
-    n_train = len(dataset.train_images)
-    train_labels = dataset.train_labels.tolist()                 # read once: indexing a GPU tensor per item syncs
-    kinds = labels.kinds
-    example_rng = random.Random(args.seed)
+
+def train_stages(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, train_labels: list[int],
+                 train_features: torch.Tensor, args: argparse.Namespace, out: Path, autocast) -> dict[str, float]:
+    """The three stages (module docstring), each saved to OUT/stage{k}.pt; returns their times in seconds."""
+    n_train, n_image, device = len(train_labels), train_features.shape[1], train_features.device
+    kinds, example_rng = labels.kinds, random.Random(args.seed)
 
     def stage0_batch(_):                          # text only: questions and answers about no image at all
         examples = [labels.example(example_rng.choice(kinds + ["caption"]), example_rng.randrange(len(labels.classes)),
@@ -163,7 +148,6 @@ def main(argv=None) -> dict:
     example = build_batch(tokenizer, [labels.example("yesno", train_labels[0], random.Random(1))], 2)
     print("what stage 2 trains on (2 image tokens shown instead of", n_image, "):")
     print(show_batch(tokenizer, *example))
-
     stage_times = {}
     steps1, batch1 = image_batches(lambda: "caption", args.stage1_epochs)
     steps2, batch2 = image_batches(lambda: example_rng.choice(kinds), args.stage2_epochs)
@@ -173,25 +157,29 @@ def main(argv=None) -> dict:
     with StopRequest() as stop:
         for k, (title, trainable, steps, make_batch) in enumerate(stages):
             t0 = time.perf_counter()
-            loss = run_stage(model, trainable, steps, make_batch, args.lr, autocast, title, stop)
+            loss, done = run_stage(model, trainable, steps, make_batch, args.lr, autocast, title, stop)
             save_atomic(dict(projector=model.projector.state_dict(), lm=model.lm.state_dict(),
-                             lm_config=lm.config, vocab=tokenizer.vocab, stage=k, complete=not stop.requested),
+                             lm_config=model.lm.config, vocab=tokenizer.vocab, stage=k, complete=not stop.requested),
                         out / f"stage{k}.pt")
             stage_times[f"stage{k}"] = time.perf_counter() - t0
-            print(f"{title}: {steps} steps, last loss {loss:.3f}, {stage_times[f'stage{k}']:.0f} s; "
+            print(f"{title}: {done} of {steps} steps, last loss {loss:.3f}, {stage_times[f'stage{k}']:.0f} s; "
                   f"saved {out / f'stage{k}.pt'}")
             if stop.requested:
                 fail(f"interrupted during {title}; its weights so far are in {out / f'stage{k}.pt'}", code=130)
+    return stage_times
 
+
+def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_labels: list[int],
+                   test_features: torch.Tensor, seed: int, autocast) -> dict:
+    """Exact match per question type and paraphrase set — with the image features, zeroed, and shuffled across
+    images, on the same questions — and three sample conversations."""
     model.eval()
-    test_labels = dataset.test_labels.tolist()
 
-    def accuracy(features: torch.Tensor | None) -> dict[str, float]:
-        """Exact match per question type and paraphrase set, on the same questions for every condition."""
+    def accuracy(features: torch.Tensor) -> dict[str, float]:
         result = {}
-        for kind in kinds:
+        for kind in labels.kinds:
             for heldout in (False, True):
-                rng = random.Random(f"{args.seed}-{kind}-{heldout}")
+                rng = random.Random(f"{seed}-{kind}-{heldout}")
                 examples = [labels.example(kind, y, rng, heldout) for y in test_labels]
                 answers = model.answer(tokenizer, examples, features)
                 key = f"{kind}_heldout" if heldout else kind
@@ -200,22 +188,22 @@ def main(argv=None) -> dict:
 
     shuffled = test_features[torch.randperm(len(test_features), generator=torch.Generator().manual_seed(0))]
     with autocast:
-        metrics = dict(dataset=name, encoder_acc=encoder_acc, accuracy=accuracy(test_features),
-                       blind_accuracy=accuracy(torch.zeros_like(test_features)),
+        metrics = dict(accuracy=accuracy(test_features), blind_accuracy=accuracy(torch.zeros_like(test_features)),
                        shuffled_accuracy=accuracy(shuffled))
     samples = []
     for i in range(min(3, len(test_labels))):
         rng = random.Random(i)
-        questions = [labels.example(kind, test_labels[i], rng) for kind in kinds]
+        questions = [labels.example(kind, test_labels[i], rng) for kind in labels.kinds]
         with autocast:
             answers = model.answer(tokenizer, questions, test_features[i:i + 1].expand(len(questions), -1, -1))
         samples.append(dict(label=labels.classes[test_labels[i]],
                             turns=[dict(question=q.question, answer=a, expected=q.answer)
                                    for q, a in zip(questions, answers)]))
-    metrics.update(samples=samples, stage_times_s=stage_times, pipeline_time_s=time.perf_counter() - started,
-                   templates={k: dict(seen=v[0], heldout=v[1]) for k, v in TEMPLATES.items()})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    for sample in samples:
+    return dict(metrics, samples=samples)
+
+
+def print_report(metrics: dict, kinds: list[str], out: Path) -> None:
+    for sample in metrics["samples"]:
         print(f"\n[test image of a {sample['label']}]")
         for turn in sample["turns"]:
             print(f"  user: {turn['question']}\n  assistant: {turn['answer']}")
@@ -224,8 +212,39 @@ def main(argv=None) -> dict:
         a, b, s = metrics["accuracy"], metrics["blind_accuracy"], metrics["shuffled_accuracy"]
         print(f"  {kind:10s} {a[kind]:.4f} / {a[kind + '_heldout']:.4f}   (blind {b[kind]:.4f} / "
               f"{s[kind]:.4f})")
-    print(f"encoder accuracy {encoder_acc:.4f}; pipeline {metrics['pipeline_time_s']:.0f} s; "
+    print(f"encoder accuracy {metrics['encoder_acc']:.4f}; pipeline {metrics['pipeline_time_s']:.0f} s; "
           f"wrote {out / 'metrics.json'}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device, _, _ = setup(args.device)
+    out = output_folder(args.out)                                # before any work: a clear error if it cannot be
+    vision, name, dataset, labels = load_task(args, device)
+    tokenizer = Tokenizer(labels.words())
+    torch.manual_seed(args.seed)
+    lm = MambaLM(MambaConfig(d_model=args.d_model, n_layers=args.layers, vocab_size=len(tokenizer)))
+    model = TinyLLaVA(vision["model"], lm, tokenizer.image_id).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    mean, std = vision["mean"].to(device), vision["std"].to(device)
+    train_features = image_features(model, dataset.train_images, mean, std, autocast)   # (n, h·w, d_vision)
+    test_features = image_features(model, dataset.test_images, mean, std, autocast)
+    with torch.no_grad():
+        logits = model.vision.head(test_features.mean(1))
+    encoder_acc = (logits.argmax(-1) == dataset.test_labels).float().mean().item()
+    print(f"tiny LLaVA on {name}: {len(tokenizer)}-word vocabulary, {train_features.shape[1]} image tokens of "
+          f"{train_features.shape[2]} features, language model {args.layers} × {args.d_model} "
+          f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")
+    stage_times = train_stages(model, tokenizer, labels, dataset.train_labels.tolist(), train_features, args, out,
+                               autocast)                 # labels read once: indexing a GPU tensor per item syncs
+    metrics = dict(dataset=name, encoder_acc=encoder_acc,
+                   **evaluate_llava(model, tokenizer, labels, dataset.test_labels.tolist(), test_features, args.seed,
+                                    autocast))
+    metrics.update(stage_times_s=stage_times, pipeline_time_s=time.perf_counter() - started,
+                   templates={k: dict(seen=v[0], heldout=v[1]) for k, v in TEMPLATES.items()})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print_report(metrics, labels.kinds, out)
     return metrics
 
 
