@@ -100,8 +100,7 @@ class SelectiveSSM(nn.Module):
             return y[..., 0]
         from .step_triton import ssm_step                                    # Triton loads on first use
         delta, B, C = (t[..., 0] for t in self.ssm_inputs(x[..., None]))    # (b, d_inner), (b, d_state) × 2
-        return ssm_step(ssm_state, x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
-                        self.dt_proj.bias.float(), delta_softplus=True)
+        return ssm_step(ssm_state, x, delta, self.A_log, B, C, self.D, z, self.dt_proj.bias, delta_softplus=True)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None,
                 return_last_state: bool = False):

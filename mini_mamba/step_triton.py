@@ -8,7 +8,9 @@ here it is two launches, and each state is read once and written once, in place:
     conv_step   window = [conv_state, x_t]          conv_state (b, d_inner, d_conv-1) shifts left and takes x_t
                 x_conv = silu(Σ_k w_k window_k + bias)
     ssm_step    Δ = softplus(Δ + delta_bias)        h (b, d_inner, d_state), fp32, updated in place
-                h = exp(Δ A) h + Δ B u              y = C·h + D u, gated by silu(z)
+                A = -exp(A_log)                     the Mamba block's parameters as stored (any float dtype):
+                h = exp(Δ A) h + Δ B u              A, D and the bias are made fp32 here, not by kernels
+                y = C·h + D u, gated by silu(z)     of their own at every token
 
 The same equations as one iteration of scan_ref.py's loop; the tests hold these kernels to it and to mamba.py's
 PyTorch step. Runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (set before import).
@@ -45,7 +47,7 @@ def _conv_step_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, D_INNER, strid
 
 
 @triton.jit
-def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, D_INNER,
+def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, D_INNER,
                      stride_u, stride_delta, stride_B, stride_C, stride_z, stride_y,
                      D_STATE: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -57,10 +59,11 @@ def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
     u = tl.load(u_ptr + b * stride_u + d, mask=mask, other=0.0).to(tl.float32)
     delta = tl.load(delta_ptr + b * stride_delta + d, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        delta += tl.load(bias_ptr + d, mask=mask, other=0.0)
+        delta += tl.load(bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
     if SOFTPLUS:
         delta = _softplus(delta)
-    A = tl.load(A_ptr + d[:, None] * D_STATE + n[None, :], mask=dn_mask, other=0.0)          # (BLOCK, N_PAD)
+    A_log = tl.load(A_log_ptr + d[:, None] * D_STATE + n[None, :], mask=dn_mask, other=0.0)  # (BLOCK, N_PAD)
+    A = -tl.exp(A_log.to(tl.float32))
     B = tl.load(B_ptr + b * stride_B + n, mask=n < D_STATE, other=0.0).to(tl.float32)       # (N_PAD,)
     C = tl.load(C_ptr + b * stride_C + n, mask=n < D_STATE, other=0.0).to(tl.float32)
     h_ptrs = h_ptr + (b * D_INNER + d[:, None]) * D_STATE + n[None, :]
@@ -69,7 +72,7 @@ def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
     tl.store(h_ptrs, h, mask=dn_mask)
     y = tl.sum(h * C[None, :], axis=1)                                            # y_t = C·h_t
     if HAS_D:
-        y += tl.load(D_ptr + d, mask=mask, other=0.0) * u
+        y += tl.load(D_ptr + d, mask=mask, other=0.0).to(tl.float32) * u
     if HAS_Z:
         z = tl.load(z_ptr + b * stride_z + d, mask=mask, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
@@ -95,19 +98,19 @@ def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, b
     return out
 
 
-def ssm_step(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+def ssm_step(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A_log: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
              delta_bias: torch.Tensor | None = None, delta_softplus: bool = False) -> torch.Tensor:
-    """One step of the selective SSM. h (b, d_inner, d_state) fp32 contiguous, updated in place; u, delta, z
-    (b, d_inner); A (d_inner, d_state) fp32; B, C (b, d_state); D, delta_bias (d_inner,) fp32. Returns y (b, d_inner)
-    in u's dtype."""
+    """One step of the selective SSM with A = -exp(A_log). h (b, d_inner, d_state) fp32 contiguous, updated in place;
+    u, delta, z (b, d_inner); A_log (d_inner, d_state); B, C (b, d_state); D, delta_bias (d_inner,) — the parameters
+    in any float dtype, computed with in fp32. Returns y (b, d_inner) in u's dtype."""
     batch, d_inner = u.shape
-    d_state = A.shape[1]
-    assert h.is_contiguous() and h.dtype == torch.float32 and A.is_contiguous()
+    d_state = A_log.shape[1]
+    assert h.is_contiguous() and h.dtype == torch.float32 and A_log.is_contiguous()
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
     some = u                                                                      # any pointer for absent tensors
     grid = (batch, triton.cdiv(d_inner, BLOCK_D))
-    _ssm_step_kernel[grid](h, u, delta, A, B, C, D if D is not None else some, z if z is not None else some,
+    _ssm_step_kernel[grid](h, u, delta, A_log, B, C, D if D is not None else some, z if z is not None else some,
                            delta_bias if delta_bias is not None else some, y, d_inner, _rows(u), _rows(delta),
                            _rows(B), _rows(C), _rows(z) if z is not None else 0, y.stride(0), D_STATE=d_state,
                            N_PAD=triton.next_power_of_2(d_state), BLOCK=BLOCK_D, SOFTPLUS=delta_softplus,

@@ -15,14 +15,19 @@ from .problems import FP32_TOL, assert_close, make_problem, tolerance
 @settings(max_examples=30, deadline=None)
 @given(batch=st.integers(1, 3), d_inner=st.integers(1, 200), d_state=st.integers(1, 17), seed=st.integers(0, 999),
        flags=st.fixed_dictionaries({k: st.booleans() for k in ("D", "z", "delta_bias", "delta_softplus")}),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_ssm_step_is_one_step_of_the_reference_loop(batch, d_inner, d_state, seed, flags, dtype):
-    """d_inner up to 200 crosses the kernel's 128-channel blocks; d_state need not be a power of two."""
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       parameter_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_ssm_step_is_one_step_of_the_reference_loop(batch, d_inner, d_state, seed, flags, dtype, parameter_dtype):
+    """d_inner up to 200 crosses the kernel's 128-channel blocks; d_state need not be a power of two. The kernel takes
+    A_log, D and Δ's bias as a model stores them (bf16 in a bf16 model) and computes with them in fp32."""
     p = make_problem(batch, d_inner, d_state, 1, seed, **flags, dtype=dtype, device=DEVICE)
+    A_log = torch.log(-p["A"]).to(parameter_dtype)                     # A = -exp(A_log), as the block stores it
+    stored = {k: None if p[k] is None else p[k].to(parameter_dtype) for k in ("D", "delta_bias")}
+    p.update(A=-torch.exp(A_log.float()), **{k: None if v is None else v.float() for k, v in stored.items()})
     y_ref, h_ref = selective_scan_ref(**p, return_last_state=True)
     h = p["initial_state"].clone()
-    y = ssm_step(h, p["u"][..., 0], p["delta"][..., 0], p["A"], p["B"][..., 0], p["C"][..., 0], p["D"],
-                 None if p["z"] is None else p["z"][..., 0], p["delta_bias"], p["delta_softplus"])
+    y = ssm_step(h, p["u"][..., 0], p["delta"][..., 0], A_log, p["B"][..., 0], p["C"][..., 0], stored["D"],
+                 None if p["z"] is None else p["z"][..., 0], stored["delta_bias"], p["delta_softplus"])
     assert y.dtype == dtype
     assert_close(y, y_ref[..., 0], tolerance(dtype), "y")
     assert_close(h, h_ref, FP32_TOL, "state")
