@@ -124,12 +124,19 @@ class MambaBlock(nn.Module):
         self.ssm = SelectiveSSM(c.d_inner, c.d_state, c.rank, c.dt_min, c.dt_max, c.dt_init_floor, c.scan_impl)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
 
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(causal depthwise conv1d) of x (b, d_inner, l). On the Triton path one kernel reads x where in_proj
+        left it, as (b, l, d_inner) (conv_triton.py); else nn.Conv1d, whose padding is dropped on the right."""
+        if self.ssm.uses_kernels(x):
+            from .conv_triton import causal_conv1d_silu                     # Triton loads on first use
+            return causal_conv1d_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        return F.silu(self.conv1d(x)[..., :x.shape[-1]])
+
     def forward(self, hidden: torch.Tensor, return_state: bool = False):
         """hidden: (b, l, d_model) -> (b, l, d_model); with return_state also (conv_state, ssm_state) after the
         last token, to continue with step()."""
-        seqlen = hidden.shape[1]
         x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)   # (b, d_inner, l) each
-        x_conv = F.silu(self.conv1d(x)[..., :seqlen])                       # causal: drop the right padding
+        x_conv = self.conv(x)
         if not return_state:
             return self.out_proj(rearrange(self.ssm(x_conv, z), "b d l -> b l d"))
         y, ssm_state = self.ssm(x_conv, z, return_last_state=True)
