@@ -1,6 +1,6 @@
-"""bench.py — Mamba's linear scaling against attention's quadratic one, and its generation throughput.
+"""bench.py — Mamba's linear scaling against attention's quadratic one, and where a Mamba LM wins against a Transformer.
 
-    python bench.py                  scaling + generation on the GPU: OUT/results.json, OUT/scaling.png, tables
+    python bench.py                  scaling + models on the GPU: OUT/results.json, OUT/{scaling,models}.png, tables
     python bench.py --kernel         our Triton scan against the official CUDA kernel (../shared/anchors timings)
     python bench.py --quick          small sizes, runs on a CPU in under a minute
 
@@ -13,6 +13,11 @@ Sections
   generation  a Mamba LM (d_model 768 × 24 layers) and a GPT-style Transformer (768 × 12 layers) of ~130M parameters,
               random weights, bf16: a prompt of 2048 tokens, then 128 new tokens; both decoders are captured in CUDA
               graphs (Transformer: static KV cache + SDPA; Mamba: its O(1) recurrent step). tokens/s = batch · 128 / time.
+  models      the same two models: prefill time against prompt length (constant tokens per call); decoding tokens/s
+              against context length (each step a CUDA-graph replay; the Transformer's cache grows, Mamba's state does
+              not); generation with 1024 new tokens too; training tokens/s against context (constant tokens per step);
+              and Mamba's floors on this GPU — matrix products timed alone plus the scan for prefill, the bytes a
+              step reads over the copy bandwidth for decoding — with its times as multiples of them.
   kernel      the anchors' four shapes: ours vs the official kernel, direct and normalised by SDPA timed in this run.
 """
 from __future__ import annotations
@@ -32,6 +37,8 @@ from tqdm import tqdm
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
 from mini_mamba.training import bounded, fail, output_folder
+
+VOCAB = 50280                                   # GPT-NeoX's vocabulary, as the Mamba paper's language models
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Measuring
@@ -222,17 +229,20 @@ class GPT(nn.Module):
         d_head = self.wte.embedding_dim // self.heads                      # (layers, k|v, b, heads, max_len, d_head)
         return torch.zeros(len(self.blocks), 2, batch, self.heads, self.max_len, d_head, device=device, dtype=dtype)
 
-    def forward(self, ids: torch.Tensor, cache: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """ids (b, l) at positions start..start+l-1; their keys and values go into the cache; -> logits (b, l, V).
-        A prompt (start = 0) attends causally within itself; a single token attends to the cache up to itself."""
+    def forward(self, ids: torch.Tensor, cache: torch.Tensor | None = None, start: torch.Tensor | int = 0
+                ) -> torch.Tensor:
+        """ids (b, l) at positions start..start+l-1; their keys and values go into the cache (if any: training needs
+        none); -> logits (b, l, V). A prompt (start = 0) attends causally within itself; a single token attends to the
+        cache up to itself."""
         batch, seqlen = ids.shape
         positions = start + torch.arange(seqlen, device=ids.device)                        # (l,)
         x = self.wte(ids) + self.wpe(positions)
         for i, block in enumerate(self.blocks):
             q, k, v = (t.view(batch, seqlen, self.heads, -1).transpose(1, 2)
                        for t in block["qkv"](block["ln1"](x)).chunk(3, -1))           # (b, heads, l, d_head)
-            cache[i, 0].index_copy_(2, positions, k)
-            cache[i, 1].index_copy_(2, positions, v)
+            if cache is not None:
+                cache[i, 0].index_copy_(2, positions, k)
+                cache[i, 1].index_copy_(2, positions, v)
             if seqlen > 1:                                                                 # the prompt
                 att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:                                                                          # one new token
@@ -323,23 +333,166 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def generation(args, device, dtype) -> dict:
+def lm_pair(args, max_len: int) -> tuple[MambaLM, GPT]:
+    """The two language models of the comparison, random weights (seed 0): Mamba with 2·gpt_layers layers (a Mamba
+    block has about half a Transformer block's parameters) and the GPT, both of width d_model."""
     torch.manual_seed(0)
-    vocab = 50280
-    mamba = MambaLM(MambaConfig(d_model=args.d_model, n_layers=2 * args.gpt_layers, vocab_size=vocab))
-    gpt = GPT(vocab, args.d_model, args.gpt_layers, heads=args.d_model // 64, max_len=args.prompt + args.new_tokens)
-    results = {"mamba": dict(params=count_parameters(mamba), points=[]),
-               "transformer": dict(params=count_parameters(gpt), points=[])}
+    mamba = MambaLM(MambaConfig(d_model=args.d_model, n_layers=2 * args.gpt_layers, vocab_size=VOCAB))
+    return mamba, GPT(VOCAB, args.d_model, args.gpt_layers, heads=max(1, args.d_model // 64), max_len=max_len)
+
+
+def generation(args, device, dtype, new_tokens: int) -> dict:
+    """Tokens per second of prefill + new_tokens greedy tokens, at each batch size."""
+    mamba, gpt = lm_pair(args, args.prompt + new_tokens)
+    vocab = VOCAB
+    results = {"mamba": dict(params=count_parameters(mamba), new_tokens=new_tokens, points=[]),
+               "transformer": dict(params=count_parameters(gpt), new_tokens=new_tokens, points=[])}
     use_graph = device.type == "cuda"
     for name, model, decoder in (("mamba", mamba, mamba_decoder), ("transformer", gpt, gpt_decoder)):
         model.to(device=device, dtype=dtype).eval()
         for batch in tqdm(args.batches, desc=f"generation: {name}", leave=False):
             prompt = torch.randint(0, vocab, (batch, args.prompt), device=device)
-            point = time_generation(*decoder(model, prompt), batch, args.new_tokens, device, use_graph)
+            point = time_generation(*decoder(model, prompt), batch, new_tokens, device, use_graph)
             results[name]["points"].append(dict(batch=batch, **point))
             if point.get("oom"):
                 break
         model.cpu()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where each model wins: prefill, decoding, training against the context length, and the floors this GPU allows
+
+
+def graphed(fn, device: torch.device):
+    """fn's work as one CUDA-graph replay on a GPU (captured after a warm-up call on a side stream, as capture
+    requires), so that both models' steps are timed without the CPU's launch cost; fn itself on a CPU."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def timed_point(run, device: torch.device, **point) -> dict:
+    """point with run()'s milliseconds (as `ms`) and the peak memory, or with oom: True."""
+    return dict(point, **guarded(lambda: dict(ms=time_ms(run, device), peak_bytes=peak_memory(device)), device))
+
+
+@torch.no_grad()
+def prefill(args, device, dtype) -> dict:
+    """Time of one parallel pass over prompts of each length, prefill_tokens tokens per call (batch · length), the
+    state (Mamba) or the KV cache (Transformer) filled as generation would."""
+    points = {"mamba": [], "transformer": []}
+    for length in tqdm(args.prefill_lengths, desc="prefill", leave=False):
+        batch = max(1, args.prefill_tokens // length)
+        mamba, gpt = (m.to(device=device, dtype=dtype).eval() for m in lm_pair(args, length))
+        prompt = torch.randint(0, VOCAB, (batch, length), device=device)
+        cache = guarded(lambda: dict(cache=gpt.empty_cache(batch, device, dtype)), device).get("cache")
+        points["mamba"].append(timed_point(lambda: mamba(prompt, return_state=True), device, length=length,
+                                           batch=batch))
+        points["transformer"].append(timed_point(lambda: gpt(prompt, cache, 0), device, length=length, batch=batch)
+                                     if cache is not None else dict(length=length, batch=batch, oom=True))
+        del mamba, gpt, cache
+    return points
+
+
+@torch.no_grad()
+def decoding(args, device, dtype) -> dict:
+    """Tokens per second of one decoding step (a CUDA-graph replay) after contexts of each length: the Transformer
+    attends to its KV cache of that length; Mamba's state is the same size whatever came before."""
+    points = {"mamba": [], "transformer": []}
+    for batch in args.decode_batches:
+        for context in tqdm(args.decode_contexts, desc=f"decoding, batch {batch}", leave=False):
+            mamba, gpt = (m.to(device=device, dtype=dtype).eval() for m in lm_pair(args, context + 1))
+            token = torch.zeros(batch, dtype=torch.long, device=device)
+            states = mamba.empty_state(batch, device, dtype)
+            cache = guarded(lambda: dict(cache=gpt.empty_cache(batch, device, dtype)), device).get("cache")
+
+            def mamba_step():
+                mamba.step(token, states)
+
+            def gpt_step():
+                gpt(token[:, None], cache, context)
+            for name, step in (("mamba", mamba_step), ("transformer", gpt_step if cache is not None else None)):
+                point = dict(batch=batch, context=context, oom=True) if step is None else guarded(
+                    lambda: timed_point(graphed(step, device), device, batch=batch, context=context), device)
+                if "ms" in point:
+                    point["tokens_per_s"] = batch / point["ms"] * 1e3
+                points[name].append(point)
+            del mamba, gpt, cache
+    return points
+
+
+def training(args, device) -> dict:
+    """Training tokens per second (forward + backward of the next-token loss; fp32 weights, bf16 autocast on a GPU)
+    at each context length, train_tokens tokens per step."""
+    points = {"mamba": [], "transformer": []}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for length in tqdm(args.train_lengths, desc="training", leave=False):
+        batch = max(1, args.train_tokens // length)
+        ids = torch.randint(0, VOCAB, (batch, length), device=device)
+        for name, model in zip(("mamba", "transformer"), lm_pair(args, length)):
+            model.to(device).train()
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                with autocast:
+                    logits = model(ids)
+                F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+            point = timed_point(step, device, length=length, batch=batch)
+            if "ms" in point:
+                point["tokens_per_s"] = batch * length / point["ms"] * 1e3
+            points[name].append(point)
+            del model
+    return points
+
+
+def floors(args, device, dtype) -> dict:
+    """What this GPU allows Mamba. Prefill: its matrix products timed alone at the prefill shape (b·L tokens through
+    every layer's four projections and the head) plus the scan kernel's time. Decoding: the bytes a step must read
+    (every weight once, the state read and written) over the bandwidth of a large device-to-device copy."""
+    mamba = lm_pair(args, 2)[0]
+    config = mamba.config
+    length = args.prefill_lengths[len(args.prefill_lengths) // 2]
+    tokens = max(1, args.prefill_tokens // length) * length
+    x = lambda n: torch.randn(tokens, n, device=device, dtype=dtype)
+    w = lambda n, m: torch.randn(m, n, device=device, dtype=dtype)
+    d, d_in, r, n = config.d_model, config.d_inner, config.rank, config.d_state
+    products = [(x(d), w(d, 2 * d_in)), (x(d_in), w(d_in, r + 2 * n)), (x(r), w(r, d_in)), (x(d_in), w(d_in, d))]
+    per_layer = sum(time_ms(lambda a=a, b=b: F.linear(a, b), device) for a, b in products)
+    head = time_ms(lambda a=x(d), b=w(d, VOCAB): F.linear(a, b), device)
+    scan = measure(scan_maker("auto", tokens // length, d_in, length, n, device, dtype), device)["fwd_ms"]
+    prefill_floor = config.n_layers * (per_layer + scan) + head
+    big = torch.empty(2 ** 28 if device.type == "cuda" else 2 ** 22, device=device, dtype=torch.uint8)
+    copy = big.clone()
+    bandwidth = 2 * big.numel() / (time_ms(lambda: copy.copy_(big), device) * 1e-3)        # bytes/s, read + write
+    weights = sum(p.numel() for p in mamba.parameters()) * torch.finfo(dtype).bits // 8
+    decode_floors = {}
+    for batch in args.decode_batches:
+        state = batch * config.n_layers * config.d_inner * ((config.d_conv - 1) * 2 + config.d_state * 4) * 2
+        decode_floors[batch] = (weights + state) / bandwidth * 1e3
+    return dict(prefill=dict(length=length, batch=tokens // length, ms=prefill_floor, products_ms_per_layer=per_layer,
+                             head_ms=head, scan_ms_per_layer=scan),
+                decode_step_ms=decode_floors, bandwidth_bytes_per_s=bandwidth, weight_bytes=weights)
+
+
+def models(args, device, dtype) -> dict:
+    """The four comparisons and the floors, with Mamba's times as multiples of its floors."""
+    results = dict(prefill=prefill(args, device, dtype), decoding=decoding(args, device, dtype),
+                   generation_long=generation(args, device, dtype, args.long_new_tokens),
+                   training=training(args, device), floors=floors(args, device, dtype))
+    floor = results["floors"]
+    ours = next(p for p in results["prefill"]["mamba"] if p["length"] == floor["prefill"]["length"])
+    floor["prefill"]["ours_over_floor"] = ours.get("ms", math.nan) / floor["prefill"]["ms"]
+    step_ms = {p["batch"]: p["ms"] for p in results["decoding"]["mamba"] if "ms" in p}   # the same at any context
+    floor["decode_ours_over_floor"] = {b: step_ms.get(b, math.nan) / ms for b, ms in floor["decode_step_ms"].items()}
     return results
 
 
@@ -419,6 +572,54 @@ def print_kernel(results: dict) -> None:
                     for r in results["segments_sweep_1x1536x131072"]))
 
 
+def print_models(results: dict) -> None:
+    rows = (("prefill", "length", "ms", "ms"), ("decoding", "context", "tokens_per_s", "tokens/s"),
+            ("training", "length", "tokens_per_s", "tokens/s"))
+    for section, x, y, unit in rows:
+        print(f"\n{section} ({unit}; Mamba / Transformer)")
+        for m, t in zip(results[section]["mamba"], results[section]["transformer"]):
+            cell = lambda p: "OOM" if p.get("oom") else format(p[y], ".4g")
+            print(f"  batch {m['batch']:4d} {x} {m[x]:6d}: {cell(m):>9s} / {cell(t):>9s}")
+    floor = results["floors"]
+    print(f"\nfloors: prefill {floor['prefill']['ms']:.3g} ms at {floor['prefill']['batch']} x "
+          f"{floor['prefill']['length']} (ours {floor['prefill']['ours_over_floor']:.2f}x); decoding step " +
+          ", ".join(f"batch {b}: {ms:.3g} ms (ours {floor['decode_ours_over_floor'][b]:.2f}x)"
+                    for b, ms in floor["decode_step_ms"].items()))
+
+
+def plot_models(results: dict, path: Path) -> None:
+    """Four panels: prefill time and training throughput against length, decoding against context, generation
+    against batch (both new-token counts)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    panels = ((axes[0], "prefill", "length", "ms", "prefill: ms per call (constant tokens per call)"),
+              (axes[1], "decoding", "context", "tokens_per_s", "decoding: tokens/s against context"),
+              (axes[3], "training", "length", "tokens_per_s", "training: tokens/s (constant tokens per step)"))
+    for ax, section, x, y, title in panels:
+        for name, points in results[section].items():
+            for batch in sorted({p["batch"] for p in points}) if section == "decoding" else [None]:
+                pts = [p for p in points if y in p and (batch is None or p["batch"] == batch)]
+                label = name if batch is None else f"{name}, batch {batch}"
+                ax.loglog([p[x] for p in pts], [p[y] for p in pts], "o-", label=label, ms=3)
+        ax.set_xlabel(x + " (tokens)")
+        ax.set_title(title)
+    ax = axes[2]
+    for key, style in (("generation", "o-"), ("generation_long", "s--")):
+        for name, r in results[key].items():
+            pts = [p for p in r["points"] if p.get("tokens_per_s")]
+            ax.loglog([p["batch"] for p in pts], [p["tokens_per_s"] for p in pts], style, ms=3,
+                      label=f"{name}, {r['new_tokens']} new tokens")
+    ax.set_xlabel("batch size")
+    ax.set_title("generation: prompt + new tokens, tokens/s")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -470,9 +671,14 @@ def main() -> None:
         fail("--kernel times the Triton kernel against the official CUDA kernel; it needs a GPU")
     device = torch.device(args.device)
     sizes = (dict(d_inner=64, min_len=64, max_len=1024, ref_max_len=256, fit_from=64, d_model=64, gpt_layers=1,
-                  prompt=32, new_tokens=8, batches=[1, 2, 4]) if args.quick else
+                  prompt=32, new_tokens=8, long_new_tokens=16, batches=[1, 2, 4], prefill_lengths=[16, 32, 64],
+                  prefill_tokens=128, decode_contexts=[16, 64], decode_batches=[1, 2], train_lengths=[16, 32, 64],
+                  train_tokens=128) if args.quick else
              dict(d_inner=1536, min_len=256, max_len=2 ** 22, ref_max_len=2048, fit_from=8192, d_model=768,
-                  gpt_layers=12, prompt=2048, new_tokens=128, batches=[1, 2, 4, 8, 16, 32, 64, 128]))
+                  gpt_layers=12, prompt=2048, new_tokens=128, long_new_tokens=1024,
+                  batches=[1, 2, 4, 8, 16, 32, 64, 128], prefill_lengths=[2 ** k for k in range(9, 17)],
+                  prefill_tokens=2 ** 17, decode_contexts=[2 ** k for k in range(10, 17)], decode_batches=[1, 16, 64],
+                  train_lengths=[2 ** k for k in range(11, 17)], train_tokens=2 ** 16))
     for key, value in sizes.items():
         setattr(args, key, value)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -486,11 +692,14 @@ def main() -> None:
         return
     results["scaling"] = scaling(args, device, dtype)
     print_scaling(results["scaling"])
-    results["generation"] = generation(args, device, dtype)
+    results["generation"] = generation(args, device, dtype, args.new_tokens)
     print_generation(results["generation"])
+    results["models"] = models(args, device, dtype)
+    print_models(results["models"])
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "scaling.png")
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'scaling.png'}")
+    plot_models(dict(results["models"], generation=results["generation"]), args.out / "models.png")
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'scaling.png'} and {args.out / 'models.png'}")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the dataset's archive or files")
     p.add_argument("--model", default="small", choices=tuple(SIZES))
     p.add_argument("--epochs", type=bounded(int, 1), default=300, metavar="N")
-    p.add_argument("--batch-size", type=bounded(int, 1), default=256, metavar="N", help="per process (K GPUs: K × this a step)")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=256, metavar="N",
+                   help="per process (K GPUs: K × this a step)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="initial weights, data order, augmentation")
-    p.add_argument("--limit", type=bounded(int, 1), default=None, metavar="N", help="only the first N training and test examples")
+    p.add_argument("--limit", type=bounded(int, 1), default=None, metavar="N",
+                   help="only the first N training and test examples")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
     p.add_argument("--out", default="runs/cifar", metavar="DIR")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

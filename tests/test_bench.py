@@ -25,6 +25,18 @@ def test_quick_bench_writes_results_and_figure(tmp_path):
         assert [p["batch"] for p in results["generation"][model]["points"]] == [1, 2, 4]
         assert all(p["tokens_per_s"] > 0 for p in results["generation"][model]["points"])
     assert "generation (tokens/s)" in done.stdout
+    models = results["models"]
+    assert (tmp_path / "models.png").stat().st_size > 10_000
+    for section, x, lengths in (("prefill", "length", [16, 32, 64]), ("training", "length", [16, 32, 64]),
+                                ("decoding", "context", [16, 64, 16, 64])):
+        for model in ("mamba", "transformer"):
+            points = models[section][model]
+            assert [p[x] for p in points] == lengths and all(p["ms"] > 0 for p in points), (section, model)
+    assert all(models["training"]["mamba"][i]["batch"] * n == 128 for i, n in enumerate([16, 32, 64]))  # tokens/step
+    assert [p["batch"] for p in models["generation_long"]["mamba"]["points"]] == [1, 2, 4]
+    floors = models["floors"]
+    assert floors["prefill"]["ms"] > 0 and floors["prefill"]["ours_over_floor"] > 0
+    assert set(floors["decode_ours_over_floor"]) == {"1", "2"} and floors["bandwidth_bytes_per_s"] > 0
 
 
 @pytest.mark.parametrize("anchors, message", [(None, "needs a GPU"), ("missing.json", "no reference timings at")])
