@@ -40,6 +40,7 @@ class MambaConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    norm_eps: float = 1e-5        # RMSNorm's ε
     scan_impl: str = "auto"       # which selective_scan implementation the blocks use (see scan.py)
 
     @property
@@ -170,7 +171,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, config: MambaConfig):
         super().__init__()
-        self.norm = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = MambaBlock(config)
 
     def forward(self, x: torch.Tensor, return_state: bool = False):
@@ -192,7 +193,7 @@ class MambaLM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layers))
-        self.norm_f = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight                         # tied
         nn.init.normal_(self.embedding.weight, std=0.02)
@@ -214,6 +215,14 @@ class MambaLM(nn.Module):
                 x = layer(x)
         logits = self.lm_head(self.norm_f(x))
         return (logits, states) if return_state else logits
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, scan_impl: str = "auto") -> "MambaLM":
+        """A Mamba-1 language model's weights — a local folder in the state-spaces or Hugging Face layout, or a hub
+        name such as "state-spaces/mamba-130m" (downloaded with huggingface_hub when installed) — as a MambaLM in
+        float32 on the CPU. pretrained.py maps the names and refuses what MambaLM cannot represent."""
+        from .pretrained import from_pretrained
+        return from_pretrained(name_or_path, scan_impl)
 
     def empty_state(self, batch: int, device=None, dtype=None) -> list:
         return [layer.mixer.empty_state(batch, device, dtype) for layer in self.layers]
