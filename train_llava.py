@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=bounded(float, 0, open_low=True), default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=bounded(int, 1), default=None,
-                   help="use only the first N training and test examples")
+                   help="use only the first N training and test examples; stage 0, which has no images, is "
+                        "shortened in the same proportion (stages 1 and 2 are epochs over the N)")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--out", default="runs/llava")
     return p.parse_args(argv)
@@ -111,9 +112,12 @@ def load_task(args: argparse.Namespace, device: torch.device):
     if name is None:
         fail(f"{args.vision_ckpt} does not say which dataset it was trained on: pass --dataset")
     try:
-        dataset = data.load_dataset(name, args.data_dir).limit(args.limit).to(device)
+        full = data.load_dataset(name, args.data_dir)
     except data.DataError as error:
         fail(str(error))
+    dataset = full.limit(args.limit).to(device)
+    if args.limit:                                           # the smaller share of the data, the shorter stage 0
+        args.stage0_steps = max(1, round(args.stage0_steps * len(dataset.train_images) / len(full.train_images)))
     if dataset.classes != vision["classes"]:
         fail(f"the vision checkpoint was trained on other classes than {name}'s; pass the matching --dataset")
     coarse_of = None
@@ -124,8 +128,9 @@ def load_task(args: argparse.Namespace, device: torch.device):
 
 
 def train_stages(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, train_labels: list[int],
-                 train_features: torch.Tensor, args: argparse.Namespace, out: Path, autocast) -> dict[str, float]:
-    """The three stages (module docstring), each saved to OUT/stage{k}.pt; returns their times in seconds."""
+                 train_features: torch.Tensor, args: argparse.Namespace, out: Path, autocast) -> tuple[dict, dict]:
+    """The three stages (module docstring), each saved to OUT/stage{k}.pt; returns their times in seconds and the
+    steps each took."""
     n_train, n_image, device = len(train_labels), train_features.shape[1], train_features.device
     kinds, example_rng = labels.kinds, random.Random(args.seed)
 
@@ -148,7 +153,7 @@ def train_stages(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, train_l
     example = build_batch(tokenizer, [labels.example("yesno", train_labels[0], random.Random(1))], 2)
     print("what stage 2 trains on (2 image tokens shown instead of", n_image, "):")
     print(show_batch(tokenizer, *example))
-    stage_times = {}
+    stage_times, stage_steps = {}, {}
     steps1, batch1 = image_batches(lambda: "caption", args.stage1_epochs)
     steps2, batch2 = image_batches(lambda: example_rng.choice(kinds), args.stage2_epochs)
     stages = [("stage 0: text-only pretraining", [model.lm], args.stage0_steps, stage0_batch),
@@ -161,12 +166,12 @@ def train_stages(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, train_l
             save_atomic(dict(projector=model.projector.state_dict(), lm=model.lm.state_dict(),
                              lm_config=model.lm.config, vocab=tokenizer.vocab, stage=k, complete=not stop.requested),
                         out / f"stage{k}.pt")
-            stage_times[f"stage{k}"] = time.perf_counter() - t0
+            stage_times[f"stage{k}"], stage_steps[f"stage{k}"] = time.perf_counter() - t0, done
             print(f"{title}: {done} of {steps} steps, last loss {loss:.3f}, {stage_times[f'stage{k}']:.0f} s; "
                   f"saved {out / f'stage{k}.pt'}")
             if stop.requested:
                 fail(f"interrupted during {title}; its weights so far are in {out / f'stage{k}.pt'}", code=130)
-    return stage_times
+    return stage_times, stage_steps
 
 
 def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_labels: list[int],
@@ -236,12 +241,12 @@ def main(argv=None) -> dict:
     print(f"tiny LLaVA on {name}: {len(tokenizer)}-word vocabulary, {train_features.shape[1]} image tokens of "
           f"{train_features.shape[2]} features, language model {args.layers} × {args.d_model} "
           f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")
-    stage_times = train_stages(model, tokenizer, labels, dataset.train_labels.tolist(), train_features, args, out,
+    stage_times, stage_steps = train_stages(model, tokenizer, labels, dataset.train_labels.tolist(), train_features, args, out,
                                autocast)                 # labels read once: indexing a GPU tensor per item syncs
     metrics = dict(dataset=name, encoder_acc=encoder_acc,
                    **evaluate_llava(model, tokenizer, labels, dataset.test_labels.tolist(), test_features, args.seed,
                                     autocast))
-    metrics.update(stage_times_s=stage_times, pipeline_time_s=time.perf_counter() - started,
+    metrics.update(stage_times_s=stage_times, stage_steps=stage_steps, pipeline_time_s=time.perf_counter() - started,
                    templates={k: dict(seen=v[0], heldout=v[1]) for k, v in TEMPLATES.items()})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print_report(metrics, labels.kinds, out)

@@ -119,13 +119,14 @@ def test_smoke_run_of_train_llava_on_synthetic(tmp_path):
     train_cifar.main(["--dataset", "synthetic", "--model", "tiny", "--limit", "64", "--batch-size", "32",
                       "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "vision")])
     metrics = train_llava.main(["--vision-ckpt", str(tmp_path / "vision" / "model.pt"), "--limit", "24",
-                                "--batch-size", "8", "--stage0-steps", "2", "--d-model", "16", "--layers", "1",
-                                "--device", "cpu", "--out", str(tmp_path / "llava")])
+                                "--batch-size", "8", "--stage0-steps", "150", "--d-model", "16", "--layers", "1",
+                                "--device", "cpu", "--out", str(tmp_path / "llava")])     # 150 · 24/2000 -> 2
     written = json.loads((tmp_path / "llava" / "metrics.json").read_text())
     assert written["accuracy"] == metrics["accuracy"]
     assert set(written["accuracy"]) == {"class", "class_heldout", "yesno", "yesno_heldout", "choice",
                                         "choice_heldout"} == set(written["blind_accuracy"])
     assert 0.0 <= written["encoder_acc"] <= 1.0 and written["samples"]
+    assert written["stage_steps"] == {"stage0": 2, "stage1": 3, "stage2": 9}     # stage 0 shortened with --limit
     stages = [torch.load(tmp_path / "llava" / f"stage{k}.pt", weights_only=False) for k in range(3)]
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
     assert same(stages[0]["lm"], stages[1]["lm"])                   # stage 1: the language model is frozen
