@@ -18,6 +18,8 @@ Sections
               not); generation with 1024 new tokens too; training tokens/s against context (constant tokens per step);
               and Mamba's floors on this GPU — matrix products timed alone plus the scan for prefill, the bytes a
               step reads over the copy bandwidth for decoding — with its times as multiples of them.
+  vision      inference of MambaVision-small and ViT-small (vision.py) at 32, 64, 128 and 224 px: images/s, peak
+              memory, and the fitted growth of time with the image side from 64 px on.
   kernel      the anchors' four shapes: ours vs the official kernel, direct and normalised by SDPA timed in this run.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tqdm import tqdm
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
 from mini_mamba.training import bounded, fail, output_folder
+from mini_mamba.vision import build_model
 
 VOCAB = 50280                                   # GPT-NeoX's vocabulary, as the Mamba paper's language models
 
@@ -94,9 +97,9 @@ def measure(make, device: torch.device) -> dict:
     return guarded(run, device)
 
 
-def fitted_slope(points: list[dict], key: str, fit_from: int) -> float | None:
-    """Slope of log(time or memory) against log(seqlen) over the points from fit_from on."""
-    xs = [(p["seqlen"], p[key]) for p in points if p.get(key) and p["seqlen"] >= fit_from]
+def fitted_slope(points: list[dict], key: str, fit_from: int, x: str = "seqlen") -> float | None:
+    """Slope of log(time or memory) against log(x: the sequence length) over the points from fit_from on."""
+    xs = [(p[x], p[key]) for p in points if p.get(key) and p[x] >= fit_from]
     if len(xs) < 2:
         return None
     L, y = np.log([x[0] for x in xs]), np.log([x[1] for x in xs])
@@ -483,6 +486,28 @@ def floors(args, device, dtype) -> dict:
                 decode_step_ms=decode_floors, bandwidth_bytes_per_s=bandwidth, weight_bytes=weights)
 
 
+@torch.no_grad()
+def vision(args, device, dtype) -> dict:
+    """Inference of MambaVision and the ViT of its size (vision.py) on random images of each side, a fixed batch,
+    both as written in dtype and channels-last: images/s, peak memory, and how time grows with the side (the fitted
+    slope of log time against log side, from 64 px on: 2 where the cost follows the pixels)."""
+    results = {}
+    for size in args.vision_models:
+        points = []
+        for side in tqdm(args.vision_sides, desc=f"vision: {size}", leave=False):
+            model = build_model(size, 3, 100, image_size=side).to(device, dtype, memory_format=torch.channels_last)
+            images = torch.randn(args.vision_batch, 3, side, side, device=device, dtype=dtype
+                                 ).contiguous(memory_format=torch.channels_last)
+            point = timed_point(lambda: model.eval()(images), device, side=side, batch=args.vision_batch)
+            if "ms" in point:
+                point["images_per_s"] = args.vision_batch / point["ms"] * 1e3
+            points.append(point)
+            del model
+        results[size] = dict(params=count_parameters(build_model(size, 3, 100)), points=points,
+                             slope_ms=fitted_slope(points, "ms", min(64, args.vision_sides[-2]), x="side"))
+    return results
+
+
 def models(args, device, dtype) -> dict:
     """The four comparisons and the floors, with Mamba's times as multiples of its floors."""
     results = dict(prefill=prefill(args, device, dtype), decoding=decoding(args, device, dtype),
@@ -587,13 +612,22 @@ def print_models(results: dict) -> None:
                     for b, ms in floor["decode_step_ms"].items()))
 
 
+def print_vision(results: dict) -> None:
+    print("\nvision inference (images/s; peak MiB)")
+    for size, r in results.items():
+        cells = " ".join(f"{p['side']}px:" + ("OOM" if p.get("oom") else f"{p['images_per_s']:.0f}/"
+                                                f"{(p['peak_bytes'] or 0) / 2 ** 20:.0f}") for p in r["points"])
+        slope = "-" if r["slope_ms"] is None else f"{r['slope_ms']:.2f}"
+        print(f"  {size:10s} {r['params'] / 1e6:.2f}M params, time ∝ side^{slope}  {cells}")
+
+
 def plot_models(results: dict, path: Path) -> None:
-    """Four panels: prefill time and training throughput against length, decoding against context, generation
-    against batch (both new-token counts)."""
+    """Five panels: prefill time and training throughput against length, decoding against context, generation
+    against batch (both new-token counts), vision inference against image side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    fig, axes = plt.subplots(1, 5, figsize=(27, 5))
     panels = ((axes[0], "prefill", "length", "ms", "prefill: ms per call (constant tokens per call)"),
               (axes[1], "decoding", "context", "tokens_per_s", "decoding: tokens/s against context"),
               (axes[3], "training", "length", "tokens_per_s", "training: tokens/s (constant tokens per step)"))
@@ -613,6 +647,13 @@ def plot_models(results: dict, path: Path) -> None:
                       label=f"{name}, {r['new_tokens']} new tokens")
     ax.set_xlabel("batch size")
     ax.set_title("generation: prompt + new tokens, tokens/s")
+    ax = axes[4]
+    for size, r in results["vision"].items():
+        pts = [p for p in r["points"] if p.get("images_per_s")]
+        slope = "" if r["slope_ms"] is None else f", time ∝ side^{r['slope_ms']:.2f}"
+        ax.loglog([p["side"] for p in pts], [p["images_per_s"] for p in pts], "o-", ms=3, label=size + slope)
+    ax.set_xlabel("image side (px)")
+    ax.set_title("vision: inference images/s")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -673,12 +714,14 @@ def main() -> None:
     sizes = (dict(d_inner=64, min_len=64, max_len=1024, ref_max_len=256, fit_from=64, d_model=64, gpt_layers=1,
                   prompt=32, new_tokens=8, long_new_tokens=16, batches=[1, 2, 4], prefill_lengths=[16, 32, 64],
                   prefill_tokens=128, decode_contexts=[16, 64], decode_batches=[1, 2], train_lengths=[16, 32, 64],
-                  train_tokens=128) if args.quick else
+                  train_tokens=128, vision_models=["tiny", "vit-tiny"], vision_sides=[16, 32], vision_batch=4)
+             if args.quick else
              dict(d_inner=1536, min_len=256, max_len=2 ** 22, ref_max_len=2048, fit_from=8192, d_model=768,
                   gpt_layers=12, prompt=2048, new_tokens=128, long_new_tokens=1024,
                   batches=[1, 2, 4, 8, 16, 32, 64, 128], prefill_lengths=[2 ** k for k in range(9, 17)],
                   prefill_tokens=2 ** 17, decode_contexts=[2 ** k for k in range(10, 17)], decode_batches=[1, 16, 64],
-                  train_lengths=[2 ** k for k in range(11, 17)], train_tokens=2 ** 16))
+                  train_lengths=[2 ** k for k in range(11, 17)], train_tokens=2 ** 16,
+                  vision_models=["small", "vit-small"], vision_sides=[32, 64, 128, 224], vision_batch=64))
     for key, value in sizes.items():
         setattr(args, key, value)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -696,9 +739,12 @@ def main() -> None:
     print_generation(results["generation"])
     results["models"] = models(args, device, dtype)
     print_models(results["models"])
+    results["vision"] = vision(args, device, dtype)
+    print_vision(results["vision"])
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "scaling.png")
-    plot_models(dict(results["models"], generation=results["generation"]), args.out / "models.png")
+    plot_models(dict(results["models"], generation=results["generation"], vision=results["vision"]),
+                args.out / "models.png")
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'scaling.png'} and {args.out / 'models.png'}")
 
 

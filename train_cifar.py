@@ -1,5 +1,6 @@
-"""Train MambaVision (mini_mamba/vision.py) on CIFAR-100 — or CIFAR-10, Fashion-MNIST, synthetic images — on one GPU,
-on several (`torchrun --nproc_per_node=K train_cifar.py ...`: one process per GPU), or slowly on a CPU.
+"""Train MambaVision (mini_mamba/vision.py; or a ViT of the same size, --model vit-small) on CIFAR-100 — or CIFAR-10,
+Fashion-MNIST, synthetic images — on one GPU, on several (`torchrun --nproc_per_node=K train_cifar.py ...`: one
+process per GPU), or slowly on a CPU.
 
     python train_cifar.py --dataset fashion-mnist      # about 95.9% in about 11 minutes on one H200 (README)
     python train_cifar.py --resume                     # continue the run in --out exactly where it stopped
@@ -211,9 +212,9 @@ def build_run(args: argparse.Namespace, resumed: dict | None) -> Run:
             setattr(args, flag, device.type == "cuda")
     torch.backends.cudnn.benchmark = True                        # fixed shapes: let cuDNN pick its kernels
     dataset, mean, std = load_data(args, device, world)
-    channels, _, _ = dataset.image_shape
+    channels, size, _ = dataset.image_shape
     torch.manual_seed(args.seed)                                 # the same initial weights on every rank
-    model = build_model(args.model, channels, len(dataset.classes), args.drop_path).to(
+    model = build_model(args.model, channels, len(dataset.classes), args.drop_path, size).to(
         device, memory_format=torch.channels_last)
     args.drop_path = model.config.drop_path                      # checkpoints keep the rate, not "the size's"
     ema = EMA(model, args.ema) if args.ema > 0 else None
@@ -392,7 +393,8 @@ def main(argv=None) -> dict:
     output_folder(args.out)                                      # before any work: a clear error if it cannot be
     run = build_run(args, resumed)
     d = run.dataset
-    run.log(f"MambaVision-{args.model} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters) on "
+    run.log(f"{type(run.model).__name__} {args.model} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M "
+            f"parameters) on "
             f"{args.dataset} ({len(d.train_images)} train / {len(d.test_images)} test, "
             f"{'×'.join(map(str, d.image_shape))}), {run.world} × {run.device.type}, batch {run.global_batch}, "
             f"{args.epochs} epochs, lr {run.lr:g}")

@@ -32,7 +32,7 @@ from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.training import (StopRequest, bounded, fail, load_saved, output_folder, param_groups, save_atomic,
                                  setup, warmup_cosine)
-from mini_mamba.vision import MambaVision, VisionConfig
+from mini_mamba.vision import VisionConfig, make_vision
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def load_vision(path: Path, device: torch.device) -> dict:
     saved = load_saved(path, "a model.pt of train_cifar.py", ("model", "config", "classes", "mean", "std"),
                        f"no vision checkpoint at {path}: train one first, e.g. `python train_cifar.py --dataset "
                        f"fashion-mnist --out {path.parent}`, or pass --vision-ckpt")
-    vision = MambaVision(VisionConfig(**saved["config"]))
+    vision = make_vision(VisionConfig(**saved["config"]))
     vision.load_state_dict(saved["model"])
     return dict(saved, model=vision.to(device))
 

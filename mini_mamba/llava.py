@@ -21,11 +21,11 @@ from einops import rearrange
 
 from .instruct import IGNORE_INDEX, Example, Tokenizer, prompt
 from .mamba import MambaLM
-from .vision import MambaVision
 
 
 class TinyLLaVA(nn.Module):
-    def __init__(self, vision: MambaVision, lm: MambaLM, image_token_id: int, projector: str = "mlp"):
+    def __init__(self, vision: nn.Module, lm: MambaLM, image_token_id: int, projector: str = "mlp"):
+        """vision: a trained MambaVision or ViT (vision.py), frozen here."""
         super().__init__()
         self.vision = vision.eval().requires_grad_(False)                # frozen in every stage
         self.lm = lm

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-NO_DECAY = ("A_log", "D", "gamma", "gamma1", "gamma2")      # SSM parameters and layer scales, as the recipes do
+NO_DECAY = ("A_log", "D", "gamma", "gamma1", "gamma2", "pos_embed")   # SSM parameters, layer scales, positions
 
 
 def setup(device: str | None) -> tuple[torch.device, int, int]:

@@ -1,4 +1,5 @@
-"""MambaVision (Hatamizadeh & Kautz 2024, arXiv 2407.08083): a hierarchical hybrid Mamba / Transformer backbone.
+"""MambaVision (Hatamizadeh & Kautz 2024, arXiv 2407.08083): a hierarchical hybrid Mamba / Transformer backbone — and a
+plain ViT of the same blocks and sizes (vit-tiny, vit-small) to compare it with.
 
 Paper map:
     section 3.1, Figure 2   stem -> stage 1, 2 of residual conv blocks (eq. 1) -> stage 3, 4 of token blocks (eq. 2),
@@ -51,12 +52,17 @@ class VisionConfig:
     head_dim: int = 32
     drop_path: float = 0.1                          # the last block's drop-path rate; earlier ones scale linearly
     layer_scale: float = 0.1                        # γ's initial value (see the adaptations above)
+    arch: str = "mambavision"                       # or "vit": ViT below, one width dims[0] and depth depths[0]
+    patch: int = 4                                  # ViT: patch side in pixels
+    image_size: int = 32                            # ViT: the images' side, which sizes its position embeddings
 
 
 SIZES = {
     "tiny": dict(dims=(32, 64, 128, 256), depths=(1, 2, 2, 2), drop_path=0.05),
     "small": dict(dims=(64, 128, 256, 512), depths=(2, 4, 4, 2), drop_path=0.1),
     "base": dict(dims=(96, 192, 384, 768), depths=(1, 3, 8, 4), drop_path=0.2),
+    "vit-tiny": dict(arch="vit", dims=(192,), depths=(5,), drop_path=0.05),       # parameters within 10% of tiny's
+    "vit-small": dict(arch="vit", dims=(384,), depths=(6,), drop_path=0.1),       # and of small's
 }
 
 
@@ -198,12 +204,49 @@ class MambaVision(nn.Module):
         return self.head(self.features(images).mean(dim=(2, 3)))
 
 
-def build_model(size: str, in_channels: int, num_classes: int, drop_path: float | None = None) -> MambaVision:
-    """A named size of SIZES for images with in_channels channels and num_classes classes (and, if given, a
-    drop-path rate other than the size's)."""
+class ViT(nn.Module):
+    """A plain Vision Transformer (Dosovitskiy et al. 2021) of the same token blocks, to compare MambaVision with.
+    What differs: no conv stages and no Mamba mixer — a strided conv cuts the image into patches (4 px: 8×8 tokens at
+    32 px, 7×7 at 28 px), learned position embeddings are added, and every block is self-attention, at one
+    resolution throughout; then LayerNorm, average pool, linear head."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = c = config
+        dim, depth, side = c.dims[0], c.depths[0], c.image_size // c.patch
+        self.patch_embed = nn.Conv2d(c.in_channels, dim, c.patch, stride=c.patch)
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, side * side, dim))
+        drops = torch.linspace(0, c.drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(TokenBlock(dim, Attention(dim, c.head_dim), c, d) for d in drops)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, c.num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (b, in_channels, H, W) -> the normalised token map (b, dim, H/patch, W/patch), as MambaVision's."""
+        x = self.patch_embed(images)                                    # (b, dim, h, w)
+        h = x.shape[2]
+        x = rearrange(x, "b c h w -> b (h w) c") + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return rearrange(self.norm(x), "b (h w) c -> b c h w", h=h)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (b, in_channels, H, W) -> class logits (b, num_classes)."""
+        return self.head(self.features(images).mean(dim=(2, 3)))
+
+
+def make_vision(config: VisionConfig) -> nn.Module:
+    """The model a config describes: MambaVision, or ViT when config.arch is "vit"."""
+    return ViT(config) if config.arch == "vit" else MambaVision(config)
+
+
+def build_model(size: str, in_channels: int, num_classes: int, drop_path: float | None = None,
+                image_size: int = 32) -> nn.Module:
+    """A named size of SIZES for images of in_channels channels and image_size pixels, num_classes classes (and, if
+    given, a drop-path rate other than the size's)."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(SIZES)}")
-    config = VisionConfig(in_channels=in_channels, num_classes=num_classes, **SIZES[size])
+    config = VisionConfig(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **SIZES[size])
     if drop_path is not None:
         config.drop_path = drop_path
-    return MambaVision(config)
+    return make_vision(config)

@@ -34,6 +34,10 @@ def test_quick_bench_writes_results_and_figure(tmp_path):
             assert [p[x] for p in points] == lengths and all(p["ms"] > 0 for p in points), (section, model)
     assert all(models["training"]["mamba"][i]["batch"] * n == 128 for i, n in enumerate([16, 32, 64]))  # tokens/step
     assert [p["batch"] for p in models["generation_long"]["mamba"]["points"]] == [1, 2, 4]
+    for size in ("tiny", "vit-tiny"):                                # --quick: the tiny sizes, 16 and 32 px
+        vision = results["vision"][size]
+        assert [p["side"] for p in vision["points"]] == [16, 32] and all(p["images_per_s"] > 0 for p in vision["points"])
+        assert vision["slope_ms"] is not None
     floors = models["floors"]
     assert floors["prefill"]["ms"] > 0 and floors["prefill"]["ours_over_floor"] > 0
     assert set(floors["decode_ours_over_floor"]) == {"1", "2"} and floors["bandwidth_bytes_per_s"] > 0

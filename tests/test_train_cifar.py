@@ -43,6 +43,15 @@ def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path):
     assert saved["size"] == "tiny" and len(saved["classes"]) == 10
 
 
+def test_smoke_run_of_the_vit_writes_a_checkpoint_that_rebuilds_it(tmp_path):
+    metrics = train_cifar.main([*SMOKE[:2], "--model", "vit-tiny", *TINY[2:], "--epochs", "1", "--device", "cpu",
+                                "--out", str(tmp_path)])
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert metrics["model"] == "vit-tiny" and saved["config"]["arch"] == "vit"
+    vision = train_llava.load_vision(tmp_path / "model.pt", torch.device("cpu"))["model"]   # what LLaVA reads
+    assert type(vision).__name__ == "ViT" and vision.config.image_size == 32
+
+
 @pytest.mark.skipif(not Path(data.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_smoke_run_on_fashion_mnist(tmp_path):
     metrics = train_cifar.main(["--dataset", "fashion-mnist", *TINY, "--epochs", "1", "--device", DEVICE.type,

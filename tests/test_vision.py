@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mini_mamba.vision import SIZES, Attention, MambaVisionMixer, TokenStage, VisionConfig, build_model
+from mini_mamba.vision import SIZES, ViT, Attention, MambaVisionMixer, TokenStage, VisionConfig, build_model
 from tests.conftest import DEVICE
 
 
@@ -22,6 +22,25 @@ def test_forward_and_backward_on_cifar_and_fashion_mnist_batches(channels, size,
     F.cross_entropy(logits, torch.arange(4, device=DEVICE) % classes).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+
+
+@pytest.mark.parametrize("channels, size, classes", [(3, 32, 100), (1, 28, 10)])
+def test_the_vit_runs_on_both_image_formats_at_one_resolution_throughout(channels, size, classes):
+    torch.manual_seed(0)
+    model = build_model("vit-tiny", channels, classes, image_size=size).to(DEVICE)
+    assert isinstance(model, ViT) and all(isinstance(block.mixer, Attention) for block in model.blocks)
+    images = torch.randn(4, channels, size, size, device=DEVICE)
+    logits = model(images)
+    assert logits.shape == (4, classes) and torch.isfinite(logits).all()
+    assert model.features(images).shape == (4, SIZES["vit-tiny"]["dims"][0], size // 4, size // 4)   # 4 px patches
+    F.cross_entropy(logits, torch.arange(4, device=DEVICE) % classes).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("vit, mambavision", [("vit-tiny", "tiny"), ("vit-small", "small")])
+def test_each_vit_has_within_10_percent_of_its_mambavisions_parameters(vit, mambavision):
+    count = lambda size: sum(p.numel() for p in build_model(size, 3, 100).parameters())
+    assert abs(count(vit) / count(mambavision) - 1) <= 0.10
 
 
 def test_mixer_matches_a_hand_computed_case():
@@ -83,7 +102,8 @@ def test_unknown_size_is_a_clear_error():
 def test_readme_states_the_parameter_counts_of_each_size():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for size in SIZES:
-        counts = [sum(p.numel() for p in build_model(size, c, k).parameters()) / 1e6 for c, k in ((3, 100), (1, 10))]
+        counts = [sum(p.numel() for p in build_model(size, c, k, image_size=px).parameters()) / 1e6
+                  for c, k, px in ((3, 100, 32), (1, 10, 28))]
         row = next(line for line in readme.splitlines() if line.startswith(f"| {size} "))
         assert [f"{n:.2f}M" for n in counts] == row.rstrip(" |").split(" | ")[-2:], row
 
