@@ -47,8 +47,8 @@ def _preactivation(x_ptr, w_ptr, bias_ptr, b, c, t, L, D, stride_b, stride_c, st
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, L, D, stride_b, stride_c, stride_t,
-                    K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+def _conv_forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, L, D, stride_b, stride_c, stride_t,
+                         K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     b, c, t = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2) * BT + tl.arange(0, BT)
     a = _preactivation(x_ptr, w_ptr, bias_ptr, b, c, t, L, D, stride_b, stride_c, stride_t, K, HAS_BIAS, BC, BT)
     mask = (c[:, None] < D) & (t[None, :] < L)
@@ -57,9 +57,9 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, L, D, stride_b, stride_c, s
 
 
 @triton.jit
-def _backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, D, stride_b, stride_c, stride_t,
-                     dx_stride_b, dx_stride_c, dx_stride_t,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+def _conv_backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, D,
+                          stride_b, stride_c, stride_t, dx_stride_b, dx_stride_c, dx_stride_t,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     b, c, t = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2) * BT + tl.arange(0, BT)
     dx = tl.zeros((BC, BT), dtype=tl.float32)
     for j in tl.static_range(K):                     # dx(t) = Σ_j w_{K-1-j} · da(t + j): da at t, t+1, ..., t+K-1
@@ -93,9 +93,9 @@ class CausalConv1dSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         batch, d, seqlen = x.shape
         out = torch.empty(batch, d, seqlen, device=x.device, dtype=x.dtype)        # (b, d, l), contiguous
-        _forward_kernel[_grid(batch, d, seqlen)](x, weight, bias if bias is not None else weight, out, seqlen, d,
-                                                *x.stride(), K=weight.shape[1], HAS_BIAS=bias is not None,
-                                                BC=BLOCK_C, BT=BLOCK_T)
+        _conv_forward_kernel[_grid(batch, d, seqlen)](x, weight, bias if bias is not None else weight, out, seqlen,
+                                                     d, *x.stride(), K=weight.shape[1], HAS_BIAS=bias is not None,
+                                                     BC=BLOCK_C, BT=BLOCK_T)
         ctx.save_for_backward(x, weight, bias)
         return out
 
@@ -107,9 +107,9 @@ class CausalConv1dSiLU(torch.autograd.Function):
         dx = torch.empty(batch, d, seqlen, device=x.device, dtype=x.dtype)
         dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
         dbias = torch.zeros(d, device=x.device, dtype=torch.float32)
-        _backward_kernel[_grid(batch, d, seqlen)](x, weight, bias if bias is not None else weight, dout, dx, dw, dbias,
-                                                 seqlen, d, *x.stride(), *dx.stride(), K=weight.shape[1],
-                                                 HAS_BIAS=bias is not None, BC=BLOCK_C, BT=BLOCK_T)
+        _conv_backward_kernel[_grid(batch, d, seqlen)](x, weight, bias if bias is not None else weight, dout, dx, dw,
+                                                      dbias, seqlen, d, *x.stride(), *dx.stride(), K=weight.shape[1],
+                                                      HAS_BIAS=bias is not None, BC=BLOCK_C, BT=BLOCK_T)
         return dx, dw.to(weight.dtype), None if bias is None else dbias.to(bias.dtype)
 
 
