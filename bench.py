@@ -336,17 +336,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def lm_pair(args, max_len: int) -> tuple[MambaLM, GPT]:
-    """The two language models of the comparison, random weights (seed 0): Mamba with 2·gpt_layers layers (a Mamba
-    block has about half a Transformer block's parameters) and the GPT, both of width d_model."""
+def mamba_lm(args) -> MambaLM:
+    """The comparison's Mamba, random weights (seed 0): 2·gpt_layers layers of width d_model (a Mamba block has about
+    half a Transformer block's parameters)."""
     torch.manual_seed(0)
-    mamba = MambaLM(MambaConfig(d_model=args.d_model, n_layers=2 * args.gpt_layers, vocab_size=VOCAB))
-    return mamba, GPT(VOCAB, args.d_model, args.gpt_layers, heads=max(1, args.d_model // 64), max_len=max_len)
+    return MambaLM(MambaConfig(d_model=args.d_model, n_layers=2 * args.gpt_layers, vocab_size=VOCAB))
+
+
+def gpt_lm(args, max_len: int) -> GPT:
+    """The comparison's Transformer, random weights (seed 0), with positions (and a KV cache) up to max_len."""
+    torch.manual_seed(0)
+    return GPT(VOCAB, args.d_model, args.gpt_layers, heads=max(1, args.d_model // 64), max_len=max_len)
 
 
 def generation(args, device, dtype, new_tokens: int) -> dict:
     """Tokens per second of prefill + new_tokens greedy tokens, at each batch size."""
-    mamba, gpt = lm_pair(args, args.prompt + new_tokens)
+    mamba, gpt = mamba_lm(args), gpt_lm(args, args.prompt + new_tokens)
     vocab = VOCAB
     results = {"mamba": dict(params=count_parameters(mamba), new_tokens=new_tokens, points=[]),
                "transformer": dict(params=count_parameters(gpt), new_tokens=new_tokens, points=[])}
@@ -389,31 +394,31 @@ def timed_point(run, device: torch.device, **point) -> dict:
 
 
 @torch.no_grad()
-def prefill(args, device, dtype) -> dict:
+def prefill(args, mamba: MambaLM, device, dtype) -> dict:
     """Time of one parallel pass over prompts of each length, prefill_tokens tokens per call (batch · length), the
-    state (Mamba) or the KV cache (Transformer) filled as generation would."""
+    state (Mamba) or the KV cache (Transformer) filled as generation would. mamba: on device, in dtype."""
     points = {"mamba": [], "transformer": []}
     for length in tqdm(args.prefill_lengths, desc="prefill", leave=False):
         batch = max(1, args.prefill_tokens // length)
-        mamba, gpt = (m.to(device=device, dtype=dtype).eval() for m in lm_pair(args, length))
+        gpt = gpt_lm(args, length).to(device=device, dtype=dtype).eval()
         prompt = torch.randint(0, VOCAB, (batch, length), device=device)
         cache = guarded(lambda: dict(cache=gpt.empty_cache(batch, device, dtype)), device).get("cache")
         points["mamba"].append(timed_point(lambda: mamba(prompt, return_state=True), device, length=length,
                                            batch=batch))
         points["transformer"].append(timed_point(lambda: gpt(prompt, cache, 0), device, length=length, batch=batch)
                                      if cache is not None else dict(length=length, batch=batch, oom=True))
-        del mamba, gpt, cache
+        del gpt, cache
     return points
 
 
 @torch.no_grad()
-def decoding(args, device, dtype) -> dict:
+def decoding(args, mamba: MambaLM, device, dtype) -> dict:
     """Tokens per second of one decoding step (a CUDA-graph replay) after contexts of each length: the Transformer
     attends to its KV cache of that length; Mamba's state is the same size whatever came before."""
     points = {"mamba": [], "transformer": []}
     for batch in args.decode_batches:
         for context in tqdm(args.decode_contexts, desc=f"decoding, batch {batch}", leave=False):
-            mamba, gpt = (m.to(device=device, dtype=dtype).eval() for m in lm_pair(args, context + 1))
+            gpt = gpt_lm(args, context + 1).to(device=device, dtype=dtype).eval()
             token = torch.zeros(batch, dtype=torch.long, device=device)
             states = mamba.empty_state(batch, device, dtype)
             cache = guarded(lambda: dict(cache=gpt.empty_cache(batch, device, dtype)), device).get("cache")
@@ -429,7 +434,7 @@ def decoding(args, device, dtype) -> dict:
                 if "ms" in point:
                     point["tokens_per_s"] = batch / point["ms"] * 1e3
                 points[name].append(point)
-            del mamba, gpt, cache
+            del gpt, cache
     return points
 
 
@@ -438,11 +443,11 @@ def training(args, device) -> dict:
     at each context length, train_tokens tokens per step."""
     points = {"mamba": [], "transformer": []}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    mamba = mamba_lm(args).to(device).train()                    # one Mamba for every length; a GPT per length
     for length in tqdm(args.train_lengths, desc="training", leave=False):
         batch = max(1, args.train_tokens // length)
         ids = torch.randint(0, VOCAB, (batch, length), device=device)
-        for name, model in zip(("mamba", "transformer"), lm_pair(args, length)):
-            model.to(device).train()
+        for name, model in (("mamba", mamba), ("transformer", gpt_lm(args, length).to(device).train())):
 
             def step():
                 model.zero_grad(set_to_none=True)
@@ -457,11 +462,10 @@ def training(args, device) -> dict:
     return points
 
 
-def floors(args, device, dtype) -> dict:
+def floors(args, mamba: MambaLM, device, dtype) -> dict:
     """What this GPU allows Mamba. Prefill: its matrix products timed alone at the prefill shape (b·L tokens through
     every layer's four projections and the head) plus the scan kernel's time. Decoding: the bytes a step must read
     (every weight once, the state read and written) over the bandwidth of a large device-to-device copy."""
-    mamba = lm_pair(args, 2)[0]
     config = mamba.config
     length = args.prefill_lengths[len(args.prefill_lengths) // 2]
     tokens = max(1, args.prefill_tokens // length) * length
@@ -476,7 +480,7 @@ def floors(args, device, dtype) -> dict:
     big = torch.empty(2 ** 28 if device.type == "cuda" else 2 ** 22, device=device, dtype=torch.uint8)
     copy = big.clone()
     bandwidth = 2 * big.numel() / (time_ms(lambda: copy.copy_(big), device) * 1e-3)        # bytes/s, read + write
-    weights = sum(p.numel() for p in mamba.parameters()) * torch.finfo(dtype).bits // 8
+    weights = sum(p.numel() * p.element_size() for p in mamba.parameters())
     decode_floors = {}
     for batch in args.decode_batches:
         state = batch * config.n_layers * config.d_inner * ((config.d_conv - 1) * 2 + config.d_state * 4) * 2
@@ -510,9 +514,12 @@ def vision(args, device, dtype) -> dict:
 
 def models(args, device, dtype) -> dict:
     """The four comparisons and the floors, with Mamba's times as multiples of its floors."""
-    results = dict(prefill=prefill(args, device, dtype), decoding=decoding(args, device, dtype),
-                   generation_long=generation(args, device, dtype, args.long_new_tokens),
-                   training=training(args, device), floors=floors(args, device, dtype))
+    mamba = mamba_lm(args).to(device=device, dtype=dtype).eval()        # one model for the inference panels
+    results = dict(prefill=prefill(args, mamba, device, dtype), decoding=decoding(args, mamba, device, dtype),
+                   floors=floors(args, mamba, device, dtype))
+    del mamba
+    results.update(generation_long=generation(args, device, dtype, args.long_new_tokens),
+                   training=training(args, device))
     floor = results["floors"]
     ours = next(p for p in results["prefill"]["mamba"] if p["length"] == floor["prefill"]["length"])
     floor["prefill"]["ours_over_floor"] = ours.get("ms", math.nan) / floor["prefill"]["ms"]

@@ -106,7 +106,8 @@ def run_stage(model: TinyLLaVA, trainable: list[torch.nn.Module], steps: int, ma
 
 
 def load_task(args: argparse.Namespace, device: torch.device):
-    """The frozen vision model, the dataset it was trained on (on the device), and the questions' labels."""
+    """The frozen vision model, the dataset it was trained on (on the device), and the questions' labels. With
+    --limit, args.stage0_steps is shortened here in proportion to the share of the training set kept."""
     vision = load_vision(Path(args.vision_ckpt), device)
     name = args.dataset or vision.get("dataset")
     if name is None:
