@@ -21,6 +21,7 @@ import argparse
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -181,7 +182,7 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
     images, on the same questions — and three sample conversations."""
     model.eval()
 
-    def accuracy(features: torch.Tensor) -> dict[str, float]:
+    def accuracy(features: torch.Tensor, by_template: list | None = None) -> dict[str, float]:
         result = {}
         for kind in labels.kinds:
             for heldout in (False, True):
@@ -190,12 +191,16 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
                 answers = model.answer(tokenizer, examples, features)
                 key = f"{kind}_heldout" if heldout else kind
                 result[key] = sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
+                if by_template is not None:
+                    by_template += template_report(examples, answers, heldout)
         return result
 
     shuffled = test_features[torch.randperm(len(test_features), generator=torch.Generator().manual_seed(0))]
+    by_template = []
     with autocast:
-        metrics = dict(accuracy=accuracy(test_features), blind_accuracy=accuracy(torch.zeros_like(test_features)),
-                       shuffled_accuracy=accuracy(shuffled))
+        metrics = dict(accuracy=accuracy(test_features, by_template),
+                       blind_accuracy=accuracy(torch.zeros_like(test_features)), shuffled_accuracy=accuracy(shuffled))
+    metrics["by_template"] = by_template
     samples = []
     for i in range(min(3, len(test_labels))):
         rng = random.Random(i)
@@ -208,11 +213,27 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
     return dict(metrics, samples=samples)
 
 
+def template_report(examples: list, answers: list[str], heldout: bool) -> list[dict]:
+    """Exact match per paraphrase, and the three commonest wrong answers to it: what the model took the question for
+    when it failed (a "yes" to a class question: it read a yes/no question)."""
+    rows = []
+    for template in dict.fromkeys(e.template for e in examples):
+        pairs = [(a, e.answer) for a, e in zip(answers, examples) if e.template == template]
+        wrong = Counter(a for a, expected in pairs if a != expected).most_common(3)
+        rows.append(dict(kind=examples[0].kind, heldout=heldout, template=template, n=len(pairs),
+                         accuracy=sum(a == expected for a, expected in pairs) / len(pairs), wrong=dict(wrong)))
+    return rows
+
+
 def print_report(metrics: dict, kinds: list[str], out: Path) -> None:
     for sample in metrics["samples"]:
         print(f"\n[test image of a {sample['label']}]")
         for turn in sample["turns"]:
             print(f"  user: {turn['question']}\n  assistant: {turn['answer']}")
+    print("\nexact match per paraphrase (* held out), with the commonest wrong answers:")
+    for row in metrics["by_template"]:
+        wrong = ", ".join(f"{a!r} {n}" for a, n in row["wrong"].items())
+        print(f"  {row['kind']:10s} {'*' if row['heldout'] else ' '} {row['accuracy']:.4f}  {row['template']:45s} {wrong}")
     print("\nexact match, seen / held-out paraphrases (blind: image features zeroed / shuffled):")
     for kind in kinds:
         a, b, s = metrics["accuracy"], metrics["blind_accuracy"], metrics["shuffled_accuracy"]

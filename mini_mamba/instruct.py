@@ -47,6 +47,7 @@ class Example:
     kind: str
     question: str
     answer: str
+    template: str = ""                # the paraphrase the question was made from, before any class name went in
 
 
 def name(label: str) -> str:
@@ -70,22 +71,22 @@ class Labels:
     def example(self, kind: str, label: int, rng: random.Random, heldout: bool = False) -> Example:
         """One question of `kind` about an image of class `label`, with a paraphrase drawn from the seen or held-out
         set."""
-        question = rng.choice(TEMPLATES[kind][heldout])
-        cls = self.classes[label]
+        template = rng.choice(TEMPLATES[kind][heldout])
+        question, cls = template, self.classes[label]
         if kind in ("class", "caption"):
             answer = cls if kind == "class" else CAPTION.format(cls)
-            return Example(kind, question, answer)
+            return Example(kind, question, answer, template)
         if kind == "yesno":
             if rng.random() < 0.5:
-                return Example(kind, question.format(cls), "yes")
-            return Example(kind, question.format(self.classes[self.negative(label, rng)]), "no")
+                return Example(kind, question.format(cls), "yes", template)
+            return Example(kind, question.format(self.classes[self.negative(label, rng)]), "no", template)
         if kind == "choice":
             others = rng.sample([c for i, c in enumerate(self.classes) if i != label], 3)
             options = rng.sample(others + [cls], 4)
             return Example(kind, question.format(options=f"{options[0]} , {options[1]} , {options[2]} or "
-                                                         f"{options[3]}"), cls)
+                                                         f"{options[3]}"), cls, template)
         if kind == "superclass":
-            return Example(kind, question, self.coarse_classes[self.coarse_of[label]])
+            return Example(kind, question, self.coarse_classes[self.coarse_of[label]], template)
         raise ValueError(f"unknown question type {kind!r}")
 
     def negative(self, label: int, rng: random.Random) -> int:

@@ -127,6 +127,12 @@ def test_smoke_run_of_train_llava_on_synthetic(tmp_path):
                                         "choice_heldout"} == set(written["blind_accuracy"])
     assert 0.0 <= written["encoder_acc"] <= 1.0 and written["samples"]
     assert written["stage_steps"] == {"stage0": 2, "stage1": 3, "stage2": 9}     # stage 0 shortened with --limit
+    for key, accuracy in written["accuracy"].items():             # per paraphrase: the same answers, broken down
+        rows = [r for r in written["by_template"] if r["kind"] == key.split("_")[0] and r["heldout"] == ("_" in key)]
+        assert sum(r["n"] for r in rows) == 24 and {r["template"] for r in rows} <= set(
+            TEMPLATES[rows[0]["kind"]][rows[0]["heldout"]])
+        assert sum(r["n"] * r["accuracy"] for r in rows) / 24 == pytest.approx(accuracy)
+        assert all(sum(r["wrong"].values()) <= round(r["n"] * (1 - r["accuracy"])) for r in rows)
     stages = [torch.load(tmp_path / "llava" / f"stage{k}.pt", weights_only=False) for k in range(3)]
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
     assert same(stages[0]["lm"], stages[1]["lm"])                   # stage 1: the language model is frozen
