@@ -11,6 +11,8 @@ Stages (LLaVA section 4.2, with a stage 0 of our own because our language model 
     1       captions "a photo of a <class> ."      frozen    trained     frozen
     2       all question types (seen paraphrases)  frozen    trained     trained
 
+In stages 0 and 2 half of the questions have their words scrambled (instruct.py says why).
+
 The vision encoder is frozen, so its features are computed once for every image and reused by all stages. Evaluation
 asks every test image each question type, with seen and held-out paraphrases, and repeats the questions with the image
 features zeroed and shuffled across images (the blind baselines). Writes OUT/metrics.json and OUT/stage{0,1,2}.pt.
@@ -28,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from mini_mamba import data
-from mini_mamba.instruct import Labels, Tokenizer, TEMPLATES
+from mini_mamba.instruct import SCRAMBLE, TEMPLATES, Labels, Tokenizer
 from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.training import (StopRequest, bounded, fail, load_saved, output_folder, param_groups, save_atomic,
@@ -138,17 +140,18 @@ def train_stages(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, train_l
 
     def stage0_batch(_):                          # text only: questions and answers about no image at all
         examples = [labels.example(example_rng.choice(kinds + ["caption"]), example_rng.randrange(len(labels.classes)),
-                                   example_rng) for _ in range(args.batch_size)]
+                                   example_rng, scramble=SCRAMBLE) for _ in range(args.batch_size)]
         return build_batch(tokenizer, examples, 0) + (None,)
 
-    def image_batches(kind_of, epochs: float):
+    def image_batches(kind_of, epochs: float, scramble: float):
         order = torch.cat([torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed + e))
                            for e in range(int(epochs) + 1)])
         steps = max(1, int(epochs * n_train) // args.batch_size)
 
         def batch(step):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-            examples = [labels.example(kind_of(), train_labels[i], example_rng) for i in idx.tolist()]
+            examples = [labels.example(kind_of(), train_labels[i], example_rng, scramble=scramble)
+                        for i in idx.tolist()]
             return build_batch(tokenizer, examples, n_image) + (train_features[idx.to(device)],)
         return steps, batch
 
@@ -156,8 +159,8 @@ def train_stages(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, train_l
     print("what stage 2 trains on (2 image tokens shown instead of", n_image, "):")
     print(show_batch(tokenizer, *example))
     stage_times, stage_steps = {}, {}
-    steps1, batch1 = image_batches(lambda: "caption", args.stage1_epochs)
-    steps2, batch2 = image_batches(lambda: example_rng.choice(kinds), args.stage2_epochs)
+    steps1, batch1 = image_batches(lambda: "caption", args.stage1_epochs, 0.0)
+    steps2, batch2 = image_batches(lambda: example_rng.choice(kinds), args.stage2_epochs, SCRAMBLE)
     stages = [("stage 0: text-only pretraining", [model.lm], args.stage0_steps, stage0_batch),
               ("stage 1: alignment (projector only)", [model.projector], steps1, batch1),
               ("stage 2: instruction tuning (projector + LM)", [model.projector, model.lm], steps2, batch2)]
@@ -204,12 +207,13 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
     samples = []
     for i in range(min(3, len(test_labels))):
         rng = random.Random(i)
-        questions = [labels.example(kind, test_labels[i], rng) for kind in labels.kinds]
+        questions = [labels.example(kind, test_labels[i], rng, heldout) for kind in labels.kinds
+                     for heldout in (False, True)]
         with autocast:
             answers = model.answer(tokenizer, questions, test_features[i:i + 1].expand(len(questions), -1, -1))
         samples.append(dict(label=labels.classes[test_labels[i]],
-                            turns=[dict(question=q.question, answer=a, expected=q.answer)
-                                   for q, a in zip(questions, answers)]))
+                            turns=[dict(question=q.question, answer=a, expected=q.answer, heldout=heldout)
+                                   for q, a, heldout in zip(questions, answers, [False, True] * len(labels.kinds))]))
     return dict(metrics, samples=samples)
 
 
@@ -229,11 +233,13 @@ def print_report(metrics: dict, kinds: list[str], out: Path) -> None:
     for sample in metrics["samples"]:
         print(f"\n[test image of a {sample['label']}]")
         for turn in sample["turns"]:
-            print(f"  user: {turn['question']}\n  assistant: {turn['answer']}")
+            who = "user (held-out paraphrase)" if turn["heldout"] else "user"
+            print(f"  {who}: {turn['question']}\n  assistant: {turn['answer']}")
     print("\nexact match per paraphrase (* held out), with the commonest wrong answers:")
     for row in metrics["by_template"]:
         wrong = ", ".join(f"{a!r} {n}" for a, n in row["wrong"].items())
-        print(f"  {row['kind']:10s} {'*' if row['heldout'] else ' '} {row['accuracy']:.4f}  {row['template']:45s} {wrong}")
+        print(f"  {row['kind']:10s} {'*' if row['heldout'] else ' '} {row['accuracy']:.4f}  {row['template']:45s} "
+              f"{wrong}")
     print("\nexact match, seen / held-out paraphrases (blind: image features zeroed / shuffled):")
     for kind in kinds:
         a, b, s = metrics["accuracy"], metrics["blind_accuracy"], metrics["shuffled_accuracy"]
@@ -263,8 +269,8 @@ def main(argv=None) -> dict:
     print(f"tiny LLaVA on {name}: {len(tokenizer)}-word vocabulary, {train_features.shape[1]} image tokens of "
           f"{train_features.shape[2]} features, language model {args.layers} × {args.d_model} "
           f"({sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M parameters); encoder accuracy {encoder_acc:.4f}")
-    stage_times, stage_steps = train_stages(model, tokenizer, labels, dataset.train_labels.tolist(), train_features, args, out,
-                               autocast)                 # labels read once: indexing a GPU tensor per item syncs
+    stage_times, stage_steps = train_stages(model, tokenizer, labels, dataset.train_labels.tolist(),  # read once:
+                                            train_features, args, out, autocast)    # indexing a GPU tensor syncs
     metrics = dict(dataset=name, encoder_acc=encoder_acc,
                    **evaluate_llava(model, tokenizer, labels, dataset.test_labels.tolist(), test_features, args.seed,
                                     autocast))

@@ -13,6 +13,11 @@ does not say:
 
 Each question type has several paraphrases seen in training and some held out for evaluation only; the held-out ones
 reuse the seen ones' words in new orders, so they test whether the model understood the question, not new words.
+With only a handful of seen sentences, a model can learn each one as a fixed string and misread a new order of the
+same words; so in training (stages 0 and 2) half of the questions come with their words scrambled — in a random
+order, a class name or the options moving as one word — and what decides the answer is which words are there (a
+class name, a list of options, "kind"), not where. A held-out paraphrase is never a reordering of a seen one, so
+scrambling never produces it.
 
 A conversation is  <image>·n  user : QUESTION assistant : ANSWER <eos>  — the <image> placeholders are replaced by the
 n image features (llava.py); only ANSWER and <eos> are trained on.
@@ -39,6 +44,7 @@ TEMPLATES = {           # kind -> (seen paraphrases, held-out paraphrases); {} i
     "caption": (["describe the image ."], []),
 }
 CAPTION = "a photo of a {} ."
+SCRAMBLE = 0.5                        # share of training questions asked with their words in a random order
 ROLES = ("user :", "assistant :")
 
 
@@ -68,11 +74,13 @@ class Labels:
         """The question types this dataset supports (caption is stage 1's, not a question)."""
         return ["class", "yesno", "choice"] + (["superclass"] if self.coarse_of is not None else [])
 
-    def example(self, kind: str, label: int, rng: random.Random, heldout: bool = False) -> Example:
+    def example(self, kind: str, label: int, rng: random.Random, heldout: bool = False,
+                scramble: float = 0.0) -> Example:
         """One question of `kind` about an image of class `label`, with a paraphrase drawn from the seen or held-out
-        set."""
+        set; with probability `scramble` its words are shuffled first (scrambled)."""
         template = rng.choice(TEMPLATES[kind][heldout])
-        question, cls = template, self.classes[label]
+        question = scrambled(template, rng) if scramble and rng.random() < scramble else template
+        cls = self.classes[label]
         if kind in ("class", "caption"):
             answer = cls if kind == "class" else CAPTION.format(cls)
             return Example(kind, question, answer, template)
@@ -102,6 +110,14 @@ class Labels:
         texts = [t for seen, held in TEMPLATES.values() for t in seen + held] + [CAPTION, *ROLES, "yes no , or"]
         texts += self.classes + self.coarse_classes
         return {w for t in texts for w in t.replace("{options}", "").replace("{}", "").split()}
+
+
+def scrambled(template: str, rng: random.Random) -> str:
+    """The template's words in a random order, its closing "?" or "." kept last; a slot ({} or {options}) is one
+    word, so a class name or the list of options stays whole."""
+    *words, end = template.split()
+    rng.shuffle(words)
+    return " ".join(words + [end])
 
 
 class Tokenizer:

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import train_cifar
 import train_llava
-from mini_mamba.instruct import IGNORE_INDEX, TEMPLATES, Example, Labels, Tokenizer
+from mini_mamba.instruct import IGNORE_INDEX, SCRAMBLE, TEMPLATES, Example, Labels, Tokenizer, scrambled
 from mini_mamba.llava import TinyLLaVA, build_batch, show_batch
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.vision import build_model
@@ -89,6 +89,28 @@ def test_held_out_paraphrases_are_new_sentences_made_of_seen_words():
             assert sentence not in seen and set(sentence.split()) <= seen_words, (kind, sentence)
 
 
+def test_held_out_paraphrases_are_no_reordering_of_a_seen_one():                 # so scrambling never makes one
+    seen = [sorted(t.split()) for kind_seen, _ in TEMPLATES.values() for t in kind_seen]
+    assert not [t for _, heldout in TEMPLATES.values() for t in heldout if sorted(t.split()) in seen]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from([t for seen, heldout in TEMPLATES.values() for t in seen + heldout]), st.integers(0, 2 ** 32))
+def test_scrambling_reorders_the_words_and_keeps_the_closing_mark(template, seed):
+    mixed = scrambled(template, random.Random(seed))
+    assert sorted(mixed.split()) == sorted(template.split()) and mixed.split()[-1] == template.split()[-1]
+
+
+def test_about_half_the_training_questions_are_scrambled_with_class_names_whole():
+    labels, rng = Labels(CLASSES, COARSE, COARSE_OF), random.Random(0)
+    asked = [labels.example("class", 1, rng, scramble=SCRAMBLE) for _ in range(2000)]
+    assert 0.45 < sum(e.question == e.template for e in asked) / len(asked) < 0.6
+    assert all(e.question == e.template for e in [labels.example("class", 1, rng) for _ in range(100)])
+    yes = [e for e in (labels.example("yesno", 1, rng, scramble=1.0) for _ in range(200)) if e.answer == "yes"]
+    assert all("maple tree" in e.question for e in yes) and any(e.question.split()[0] != e.template.split()[0]
+                                                              for e in yes)
+
+
 def test_yes_no_is_balanced_with_hard_negatives_from_the_same_superclass():
     labels = Labels(CLASSES, COARSE, COARSE_OF)
     rng = random.Random(0)
@@ -126,6 +148,9 @@ def test_smoke_run_of_train_llava_on_synthetic(tmp_path):
     assert set(written["accuracy"]) == {"class", "class_heldout", "yesno", "yesno_heldout", "choice",
                                         "choice_heldout"} == set(written["blind_accuracy"])
     assert 0.0 <= written["encoder_acc"] <= 1.0 and written["samples"]
+    turns = written["samples"][0]["turns"]                    # each question type, seen and held-out paraphrases
+    assert [t["heldout"] for t in turns] == [False, True] * 3
+    assert turns[1]["question"] in TEMPLATES["class"][1]
     assert written["stage_steps"] == {"stage0": 2, "stage1": 3, "stage2": 9}     # stage 0 shortened with --limit
     for key, accuracy in written["accuracy"].items():             # per paraphrase: the same answers, broken down
         rows = [r for r in written["by_template"] if r["kind"] == key.split("_")[0] and r["heldout"] == ("_" in key)]
