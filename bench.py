@@ -3,6 +3,7 @@
     python bench.py                  scaling + models on the GPU: OUT/results.json, OUT/{scaling,models}.png, tables
     python bench.py --kernel         our Triton scan against the official CUDA kernel (../shared/anchors timings)
     python bench.py --quick          small sizes, runs on a CPU in under a minute
+    python bench.py --selective-copying   why the scan is selective: a task the time-invariant scan cannot learn
 
 Sections
   scaling     time of forward and forward+backward, and peak memory, against sequence length (batch 1): the selective
@@ -20,6 +21,9 @@ Sections
               step reads over the copy bandwidth for decoding — with its times as multiples of them.
   vision      inference of MambaVision-small and ViT-small (vision.py) at 32, 64, 128 and 224 px: images/s, peak
               memory, and the fitted growth of time with the image side from 64 px on.
+  selective copying (--selective-copying, alone): the paper's section 4.1.1 task, 16 data tokens among 256, learned by
+              a 2-layer Mamba LM with the selective scan and by the same model with a time-invariant one; token
+              accuracy against training steps -> OUT/selective_copying.{json,png}.
   kernel      the anchors' four shapes: ours vs the official kernel, direct and normalised by SDPA timed in this run.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tqdm import tqdm
 
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
+from mini_mamba.selective_copying import train_copying
 from mini_mamba.training import bounded, fail, output_folder
 from mini_mamba.vision import build_model
 
@@ -567,6 +572,44 @@ def kernel_table(device, anchors_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Why selection matters: selective copying (selective_copying.py)
+
+
+def selective_copying(args, device) -> dict:
+    """The selective model and the time-invariant one trained the same way; accuracy against steps, and the paper's
+    Table 1 figures (the Mamba block with S6 / with S4, at length 4096) beside them."""
+    results = dict(setting=args.copying, paper_accuracy={"selective": 0.998, "time-invariant": 0.564})
+    for name, selective in (("selective", True), ("time-invariant", False)):
+        start = time.perf_counter()
+        history = train_copying(selective, device=device, desc=name, **args.copying)
+        results[name] = dict(history=history, final_accuracy=history[-1]["accuracy"],
+                             seconds=time.perf_counter() - start)
+    return results
+
+
+def plot_copying(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name in ("selective", "time-invariant"):
+        history = results[name]["history"]
+        line, = ax.plot([h["step"] for h in history], [h["accuracy"] for h in history], "o-", ms=3, label=name)
+        ax.axhline(results["paper_accuracy"][name], color=line.get_color(), ls=":", lw=1,
+                   label=f"paper, {name} (Table 1)")
+    s = results["setting"]
+    ax.set_title(f"selective copying: {s['n_data']} data tokens in {s['seqlen']}, {s['n_layers']} × {s['d_model']}",
+                 fontsize=10)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("token accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -617,6 +660,14 @@ def print_models(results: dict) -> None:
           f"{floor['prefill']['length']} (ours {floor['prefill']['ours_over_floor']:.2f}x); decoding step " +
           ", ".join(f"batch {b}: {ms:.3g} ms (ours {floor['decode_ours_over_floor'][b]:.2f}x)"
                     for b, ms in floor["decode_step_ms"].items()))
+
+
+def print_copying(results: dict) -> None:
+    print(f"\nselective copying ({results['setting']}): token accuracy against steps")
+    for name in ("selective", "time-invariant"):
+        r = results[name]
+        print(f"  {name:15s} " + " ".join(f"{h['step']}:{h['accuracy']:.3f}" for h in r["history"]) +
+              f"  ({r['seconds']:.0f} s; paper {results['paper_accuracy'][name]:.3f})")
 
 
 def print_vision(results: dict) -> None:
@@ -704,6 +755,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a CPU")
     parser.add_argument("--kernel", action="store_true", help="only the comparison with the official CUDA kernel")
+    parser.add_argument("--selective-copying", action="store_true",
+                        help="only the selective-copying task: the selective scan against a time-invariant one")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--anchors", type=Path, default=Path(__file__).resolve().parent / "anchors" /
@@ -729,6 +782,10 @@ def main() -> None:
                   prefill_tokens=2 ** 17, decode_contexts=[2 ** k for k in range(10, 17)], decode_batches=[1, 16, 64],
                   train_lengths=[2 ** k for k in range(11, 17)], train_tokens=2 ** 16,
                   vision_models=["small", "vit-small"], vision_sides=[32, 64, 128, 224], vision_batch=64))
+    sizes["copying"] = (dict(seqlen=32, n_data=4, vocab=8, d_model=32, n_layers=2, batch=32, lr=3e-3, steps=500,
+                             eval_every=100) if args.quick else
+                        dict(seqlen=256, n_data=16, vocab=16, d_model=128, n_layers=2, batch=128, lr=1e-3,
+                             steps=10000, eval_every=500))
     for key, value in sizes.items():
         setattr(args, key, value)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -739,6 +796,12 @@ def main() -> None:
         results["kernel"] = kernel_table(device, args.anchors)
         print_kernel(results["kernel"])
         (args.out / "kernel.json").write_text(json.dumps(results, indent=1))
+        return
+    if args.selective_copying:
+        results["selective_copying"] = selective_copying(args, device)
+        print_copying(results["selective_copying"])
+        (args.out / "selective_copying.json").write_text(json.dumps(results, indent=1))
+        plot_copying(results["selective_copying"], args.out / "selective_copying.png")
         return
     results["scaling"] = scaling(args, device, dtype)
     print_scaling(results["scaling"])
