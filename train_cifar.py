@@ -58,16 +58,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe = p.add_argument_group("the recipe")
     recipe.add_argument("--lr", type=bounded(float, 0, open_low=True), default=None,
                         help="peak learning rate (default: 0.1 · global batch / 256)")
-    recipe.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4)
-    recipe.add_argument("--drop-path", type=bounded(float, 0, 1, open_high=True), default=None,
+    recipe.add_argument("--weight-decay", type=bounded(float, 0), default=5e-4, metavar="WD")
+    recipe.add_argument("--drop-path", type=bounded(float, 0, 1, open_high=True), default=None, metavar="P",
                         help="the last block's drop-path rate (default: the size's)")
-    recipe.add_argument("--warmup-epochs", type=bounded(float, 0), default=3)
-    recipe.add_argument("--label-smoothing", type=bounded(float, 0, 1, open_high=True), default=0.1)
-    recipe.add_argument("--ema", type=bounded(float, 0, 1, open_high=True), default=0.999,
+    recipe.add_argument("--warmup-epochs", type=bounded(float, 0), default=3, metavar="N")
+    recipe.add_argument("--label-smoothing", type=bounded(float, 0, 1, open_high=True), default=0.1, metavar="E")
+    recipe.add_argument("--ema", type=bounded(float, 0, 1, open_high=True), default=0.999, metavar="DECAY",
                         help="EMA decay per step (0: no EMA)")
-    recipe.add_argument("--crop-pad", type=bounded(int, 0), default=4, help="random crops shift by up to N pixels")
-    recipe.add_argument("--erase-p", type=bounded(float, 0, 1), default=0.5, help="random erasing's probability")
-    recipe.add_argument("--clip", type=bounded(float, 0, open_low=True), default=1.0, help="gradient-norm clipping")
+    recipe.add_argument("--crop-pad", type=bounded(int, 0), default=4, metavar="N",
+                        help="random crops shift by up to N pixels")
+    recipe.add_argument("--erase-p", type=bounded(float, 0, 1), default=0.5, metavar="P",
+                        help="random erasing's probability")
+    recipe.add_argument("--clip", type=bounded(float, 0, open_low=True), default=1.0, metavar="NORM",
+                        help="gradient-norm clipping")
     speed = p.add_argument_group("how a GPU runs the step (both on by default there)")
     speed.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                        help="replay the training step from a CUDA graph")
@@ -346,7 +349,8 @@ def end_epoch(run: Run, stop: StopRequest, writer: CheckpointWriter) -> None:
 def write_metrics(run: Run, **final) -> dict:
     """OUT/metrics.json, after every epoch ("complete": false until the end, so an interrupted run keeps its record).
     test_acc is the EMA model's with the test-time flip; at the end test_acc_raw is the live weights' and
-    test_acc_no_flip the EMA model's on the images alone, and total_time_s adds the final evaluation."""
+    test_acc_no_flip the EMA model's on the images alone, and total_time_s adds the final evaluation.
+    peak_memory_bytes: the most GPU memory this process's tensors held (None on a CPU)."""
     args, state = run.args, run.state
     history = state["history"]
     timed = history[1:] or history                                       # the first epoch includes compiling
@@ -358,6 +362,7 @@ def write_metrics(run: Run, **final) -> dict:
                    crop_pad=args.crop_pad, erase_p=args.erase_p, seed=args.seed, cuda_graph=args.cuda_graph,
                    compile=args.compile,
                    device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
+                   peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
                    history=history)
     if run.rank == 0:
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
