@@ -754,9 +754,10 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a CPU")
-    parser.add_argument("--kernel", action="store_true", help="only the comparison with the official CUDA kernel")
-    parser.add_argument("--selective-copying", action="store_true",
-                        help="only the selective-copying task: the selective scan against a time-invariant one")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--kernel", action="store_true", help="only the comparison with the official CUDA kernel")
+    only.add_argument("--selective-copying", action="store_true",
+                      help="only the selective-copying task: the selective scan against a time-invariant one")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--anchors", type=Path, default=Path(__file__).resolve().parent / "anchors" /

@@ -65,3 +65,10 @@ def test_a_time_limit_that_is_not_positive_is_a_usage_message(tmp_path):
     done = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--max-seconds", "0", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "argument --max-seconds: 0: must be above 0" in done.stderr
+
+
+def test_the_sections_that_run_alone_cannot_be_combined(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--kernel", "--selective-copying", "--device", "cpu", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not allowed with argument --kernel" in done.stderr
+    assert not (tmp_path / "out").exists()
