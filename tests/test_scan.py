@@ -122,6 +122,27 @@ def test_triton_long_sequence_on_gpu(dtype, record_property):
         assert_close(grads[name], grads_par[name], tol, f"d{name}")
 
 
+@pytest.mark.parametrize("used", ["output", "last state"])
+@pytest.mark.parametrize("segments", [1, 2])
+def test_triton_gradients_when_only_one_result_is_used(used, segments):
+    """A model uses y and drops the last state (training), or the reverse: the unused result's gradient is absent, not
+    zeros, and the kernel starts from zero itself. Gradients of every input against the reference loop."""
+    problem = to_device(make_problem(2, 5, 4, 37, seed=3, initial_state=used == "last state"))   # training: none
+    grads = []
+    for scan, kwargs in ((selective_scan_triton, dict(config=dict(block_t=16, n_segments=segments))),
+                         (selective_scan_ref, {})):
+        inputs = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+                  for k, v in problem.items()}
+        y, last = scan(**inputs, return_last_state=True, **kwargs)
+        weight = torch.randn((y if used == "output" else last).shape, generator=torch.Generator().manual_seed(2))
+        loss = ((y if used == "output" else last).float() * weight.to(y.device)).sum()
+        leaves = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+    scale = max(g.abs().max().item() for g in grads[1])
+    for actual, expected in zip(*grads):
+        assert_close(actual, expected, FP32_TOL, used, scale)
+
+
 def test_triton_never_keeps_per_state_sequences():
     """Memory: the kernel saves d_state/BLOCK_T floats per input element for the backward, never the
     (batch, d_inner, seqlen, d_state) states (which here would be 16× the size of u)."""
