@@ -357,14 +357,13 @@ def gpt_lm(args, max_len: int) -> GPT:
 def generation(args, device, dtype, new_tokens: int) -> dict:
     """Tokens per second of prefill + new_tokens greedy tokens, at each batch size."""
     mamba, gpt = mamba_lm(args), gpt_lm(args, args.prompt + new_tokens)
-    vocab = VOCAB
     results = {"mamba": dict(params=count_parameters(mamba), new_tokens=new_tokens, points=[]),
                "transformer": dict(params=count_parameters(gpt), new_tokens=new_tokens, points=[])}
     use_graph = device.type == "cuda"
     for name, model, decoder in (("mamba", mamba, mamba_decoder), ("transformer", gpt, gpt_decoder)):
         model.to(device=device, dtype=dtype).eval()
         for batch in tqdm(args.batches, desc=f"generation: {name}", leave=False):
-            prompt = torch.randint(0, vocab, (batch, args.prompt), device=device)
+            prompt = torch.randint(0, VOCAB, (batch, args.prompt), device=device)
             point = time_generation(*decoder(model, prompt), batch, new_tokens, device, use_graph)
             results[name]["points"].append(dict(batch=batch, **point))
             if point.get("oom"):
@@ -393,9 +392,13 @@ def graphed(fn, device: torch.device):
     return graph.replay
 
 
-def timed_point(run, device: torch.device, **point) -> dict:
-    """point with run()'s milliseconds (as `ms`) and the peak memory, or with oom: True."""
-    return dict(point, **guarded(lambda: dict(ms=time_ms(run, device), peak_bytes=peak_memory(device)), device))
+def timed_point(run, device: torch.device, rate: tuple[str, int] | None = None, **point) -> dict:
+    """point with run()'s milliseconds (as `ms`) and the peak memory — and, given rate = (key, items per call), the
+    items per second under that key — or with oom: True."""
+    point = dict(point, **guarded(lambda: dict(ms=time_ms(run, device), peak_bytes=peak_memory(device)), device))
+    if rate is not None and "ms" in point:
+        point[rate[0]] = rate[1] / point["ms"] * 1e3
+    return point
 
 
 @torch.no_grad()
@@ -435,9 +438,8 @@ def decoding(args, mamba: MambaLM, device, dtype) -> dict:
                 gpt(token[:, None], cache, context)
             for name, step in (("mamba", mamba_step), ("transformer", gpt_step if cache is not None else None)):
                 point = dict(batch=batch, context=context, oom=True) if step is None else guarded(
-                    lambda: timed_point(graphed(step, device), device, batch=batch, context=context), device)
-                if "ms" in point:
-                    point["tokens_per_s"] = batch / point["ms"] * 1e3
+                    lambda: timed_point(graphed(step, device), device, rate=("tokens_per_s", batch), batch=batch,
+                                        context=context), device)
                 points[name].append(point)
             del gpt, cache
     return points
@@ -459,10 +461,8 @@ def training(args, device) -> dict:
                 with autocast:
                     logits = model(ids)
                 F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-            point = timed_point(step, device, length=length, batch=batch)
-            if "ms" in point:
-                point["tokens_per_s"] = batch * length / point["ms"] * 1e3
-            points[name].append(point)
+            points[name].append(timed_point(step, device, rate=("tokens_per_s", batch * length), length=length,
+                                            batch=batch))
             del model
     return points
 
@@ -507,10 +507,8 @@ def vision(args, device, dtype) -> dict:
             model = build_model(size, 3, 100, image_size=side).to(device, dtype, memory_format=torch.channels_last)
             images = torch.randn(args.vision_batch, 3, side, side, device=device, dtype=dtype
                                  ).contiguous(memory_format=torch.channels_last)
-            point = timed_point(lambda: model.eval()(images), device, side=side, batch=args.vision_batch)
-            if "ms" in point:
-                point["images_per_s"] = args.vision_batch / point["ms"] * 1e3
-            points.append(point)
+            points.append(timed_point(lambda: model.eval()(images), device, rate=("images_per_s", args.vision_batch),
+                                      side=side, batch=args.vision_batch))
             del model
         results[size] = dict(params=count_parameters(build_model(size, 3, 100)), points=points,
                              slope_ms=fitted_slope(points, "ms", min(64, args.vision_sides[-2]), x="side"))
@@ -588,9 +586,7 @@ def selective_copying(args, device) -> dict:
 
 
 def plot_copying(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name in ("selective", "time-invariant"):
         history = results[name]["history"]
@@ -611,6 +607,14 @@ def plot_copying(results: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reporting
+
+
+def pyplot():
+    """matplotlib.pyplot on its file-only backend (no display needed), imported when a figure is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def print_scaling(results: dict) -> None:
@@ -682,9 +686,7 @@ def print_vision(results: dict) -> None:
 def plot_models(results: dict, path: Path) -> None:
     """Five panels: prefill time and training throughput against length, decoding against context, generation
     against batch (both new-token counts), vision inference against image side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 5, figsize=(27, 5))
     panels = ((axes[0], "prefill", "length", "ms", "prefill: ms per call (constant tokens per call)"),
               (axes[1], "decoding", "context", "tokens_per_s", "decoding: tokens/s against context"),
@@ -720,9 +722,7 @@ def plot_models(results: dict, path: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     for ax, key, title in ((axes[0], "fwd_bwd_ms", "forward + backward time (ms)"),
                            (axes[1], "peak_bytes", "peak memory, forward + backward (bytes)")):
