@@ -185,8 +185,9 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
     images, on the same questions — and three sample conversations."""
     model.eval()
 
-    def accuracy(features: torch.Tensor, by_template: list | None = None) -> dict[str, float]:
-        result = {}
+    def accuracy(features: torch.Tensor) -> tuple[dict[str, float], list[dict]]:
+        """Exact match per type and paraphrase set, and per paraphrase (template_report)."""
+        result, by_template = {}, []
         for kind in labels.kinds:
             for heldout in (False, True):
                 rng = random.Random(f"{seed}-{kind}-{heldout}")
@@ -194,26 +195,26 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
                 answers = model.answer(tokenizer, examples, features)
                 key = f"{kind}_heldout" if heldout else kind
                 result[key] = sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
-                if by_template is not None:
-                    by_template += template_report(examples, answers, heldout)
-        return result
+                by_template += template_report(examples, answers, heldout)
+        return result, by_template
 
     shuffled = test_features[torch.randperm(len(test_features), generator=torch.Generator().manual_seed(0))]
-    by_template = []
     with autocast:
-        metrics = dict(accuracy=accuracy(test_features, by_template),
-                       blind_accuracy=accuracy(torch.zeros_like(test_features)), shuffled_accuracy=accuracy(shuffled))
-    metrics["by_template"] = by_template
+        with_image, by_template = accuracy(test_features)
+        metrics = dict(accuracy=with_image, by_template=by_template,
+                       blind_accuracy=accuracy(torch.zeros_like(test_features))[0],
+                       shuffled_accuracy=accuracy(shuffled)[0])
     samples = []
     for i in range(min(3, len(test_labels))):
         rng = random.Random(i)
-        questions = [labels.example(kind, test_labels[i], rng, heldout) for kind in labels.kinds
-                     for heldout in (False, True)]
+        asked = [(heldout, labels.example(kind, test_labels[i], rng, heldout)) for kind in labels.kinds
+                 for heldout in (False, True)]
+        questions = [q for _, q in asked]
         with autocast:
             answers = model.answer(tokenizer, questions, test_features[i:i + 1].expand(len(questions), -1, -1))
         samples.append(dict(label=labels.classes[test_labels[i]],
                             turns=[dict(question=q.question, answer=a, expected=q.answer, heldout=heldout)
-                                   for q, a, heldout in zip(questions, answers, [False, True] * len(labels.kinds))]))
+                                   for (heldout, q), a in zip(asked, answers)]))
     return dict(metrics, samples=samples)
 
 
