@@ -437,9 +437,10 @@ def decoding(args, mamba: MambaLM, device, dtype) -> dict:
             def gpt_step():
                 gpt(token[:, None], cache, context)
             for name, step in (("mamba", mamba_step), ("transformer", gpt_step if cache is not None else None)):
-                point = dict(batch=batch, context=context, oom=True) if step is None else guarded(
-                    lambda: timed_point(graphed(step, device), device, rate=("tokens_per_s", batch), batch=batch,
-                                        context=context), device)
+                point = dict(batch=batch, context=context, oom=True)      # no cache: out of memory already
+                if step is not None:                                       # capturing the graph may run out too
+                    point = dict(batch=batch, context=context, **guarded(
+                        lambda: timed_point(graphed(step, device), device, rate=("tokens_per_s", batch)), device))
                 points[name].append(point)
             del gpt, cache
     return points
