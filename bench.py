@@ -4,6 +4,7 @@
     python bench.py --kernel         our Triton scan against the official CUDA kernel (../shared/anchors timings)
     python bench.py --quick          small sizes, runs on a CPU in under a minute
     python bench.py --selective-copying   why the scan is selective: a task the time-invariant scan cannot learn
+    python bench.py --vision         only the vision section: OUT/vision.{json,png}
 
 Sections
   scaling     time of forward and forward+backward, and peak memory, against sequence length (batch 1): the selective
@@ -708,16 +709,30 @@ def plot_models(results: dict, path: Path) -> None:
                       label=f"{name}, {r['new_tokens']} new tokens")
     ax.set_xlabel("batch size")
     ax.set_title("generation: prompt + new tokens, tokens/s")
-    ax = axes[4]
-    for size, r in results["vision"].items():
+    vision_panel(axes[4], results["vision"])
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def vision_panel(ax, results: dict) -> None:
+    """Images/s against the image side, each model labelled with the fitted growth of its time."""
+    for size, r in results.items():
         pts = [p for p in r["points"] if p.get("images_per_s")]
         slope = "" if r["slope_ms"] is None else f", time ∝ side^{r['slope_ms']:.2f}"
         ax.loglog([p["side"] for p in pts], [p["images_per_s"] for p in pts], "o-", ms=3, label=size + slope)
     ax.set_xlabel("image side (px)")
     ax.set_title("vision: inference images/s")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+
+
+def plot_vision(results: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    vision_panel(ax, results)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -759,6 +774,7 @@ def main() -> None:
     only.add_argument("--kernel", action="store_true", help="only the comparison with the official CUDA kernel")
     only.add_argument("--selective-copying", action="store_true",
                       help="only the selective-copying task: the selective scan against a time-invariant one")
+    only.add_argument("--vision", action="store_true", help="only the vision section: MambaVision against its ViT")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--anchors", type=Path, default=Path(__file__).resolve().parent / "anchors" /
@@ -794,17 +810,17 @@ def main() -> None:
     args.out = output_folder(args.out)
     results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, dtype=str(dtype), sizes=sizes)
-    if args.kernel:
-        results["kernel"] = kernel_table(device, args.anchors)
-        print_kernel(results["kernel"])
-        (args.out / "kernel.json").write_text(json.dumps(results, indent=1))
-        return
-    if args.selective_copying:
-        results["selective_copying"] = selective_copying(args, device)
-        print_copying(results["selective_copying"])
-        (args.out / "selective_copying.json").write_text(json.dumps(results, indent=1))
-        plot_copying(results["selective_copying"], args.out / "selective_copying.png")
-        return
+    alone = {"kernel": (lambda: kernel_table(device, args.anchors), print_kernel, None),     # the sections run alone
+             "selective_copying": (lambda: selective_copying(args, device), print_copying, plot_copying),
+             "vision": (lambda: vision(args, device, dtype), print_vision, plot_vision)}
+    for section, (measure_section, show, draw) in alone.items():
+        if getattr(args, section):
+            results[section] = measure_section()
+            show(results[section])
+            (args.out / f"{section}.json").write_text(json.dumps(results, indent=1))
+            if draw is not None:
+                draw(results[section], args.out / f"{section}.png")
+            return
     results["scaling"] = scaling(args, device, dtype)
     print_scaling(results["scaling"])
     results["generation"] = generation(args, device, dtype, args.new_tokens)

@@ -349,7 +349,8 @@ def end_epoch(run: Run, stop: StopRequest, writer: CheckpointWriter) -> None:
 def write_metrics(run: Run, **final) -> dict:
     """OUT/metrics.json, after every epoch ("complete": false until the end, so an interrupted run keeps its record).
     test_acc is the EMA model's with the test-time flip; at the end test_acc_raw is the live weights' and
-    test_acc_no_flip the EMA model's on the images alone, and total_time_s adds the final evaluation."""
+    test_acc_no_flip the EMA model's on the images alone, and total_time_s adds the final evaluation.
+    peak_memory_bytes: the most GPU memory this process's tensors held (None on a CPU)."""
     args, state = run.args, run.state
     history = state["history"]
     timed = history[1:] or history                                       # the first epoch includes compiling
@@ -361,6 +362,7 @@ def write_metrics(run: Run, **final) -> dict:
                    crop_pad=args.crop_pad, erase_p=args.erase_p, seed=args.seed, cuda_graph=args.cuda_graph,
                    compile=args.compile,
                    device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
+                   peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
                    history=history)
     if run.rank == 0:
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -72,3 +72,13 @@ def test_the_sections_that_run_alone_cannot_be_combined(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not allowed with argument --kernel" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_vision_section_alone_writes_its_results_and_figure_and_nothing_else(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--vision", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    vision = json.loads((tmp_path / "vision.json").read_text())["vision"]
+    assert set(vision) == {"tiny", "vit-tiny"} and all(len(r["points"]) == 2 for r in vision.values())
+    assert (tmp_path / "vision.png").stat().st_size > 10_000 and "vision inference" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.json", "vision.png"]       # no other section ran

@@ -39,6 +39,7 @@ def test_smoke_run_on_synthetic_writes_the_contracted_files(tmp_path):
     assert written["cuda_graph"] == written["compile"] == (DEVICE.type == "cuda")     # on by default on a GPU only
     assert 0.0 <= written["test_acc_no_flip"] <= 1.0 and 0.0 <= written["test_acc_raw"] <= 1.0
     assert written["total_time_s"] > written["train_time_s"] > 0    # the final evaluation counts in the total
+    assert (written["peak_memory_bytes"] > 0) if DEVICE.type == "cuda" else written["peak_memory_bytes"] is None
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert saved["size"] == "tiny" and len(saved["classes"]) == 10
 
