@@ -5,6 +5,7 @@
     python bench.py --quick          small sizes, runs on a CPU in under a minute
     python bench.py --selective-copying   why the scan is selective: a task the time-invariant scan cannot learn
     python bench.py --vision         only the vision section: OUT/vision.{json,png}
+    python bench.py --models         only the language models (generation and models): OUT/models.{json,png}
 
 Sections
   scaling     time of forward and forward+backward, and peak memory, against sequence length (batch 1): the selective
@@ -699,9 +700,9 @@ def print_vision(results: dict) -> None:
 
 def plot_models(results: dict, path: Path) -> None:
     """Five panels: prefill time and training throughput against length, decoding against context, generation
-    against batch (both new-token counts), vision inference against image side."""
+    against batch (both new-token counts), vision inference against image side (when results has it)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 5, figsize=(27, 5))
+    fig, axes = plt.subplots(1, 5 if "vision" in results else 4, figsize=(27 if "vision" in results else 22, 5))
     panels = ((axes[0], "prefill", "length", "ms", "prefill: ms per call (constant tokens per call)"),
               (axes[1], "decoding", "context", "tokens_per_s", "decoding: tokens/s against context"),
               (axes[3], "training", "length", "tokens_per_s", "training: tokens/s (constant tokens per step)"))
@@ -721,7 +722,8 @@ def plot_models(results: dict, path: Path) -> None:
                       label=f"{name}, {r['new_tokens']} new tokens")
     ax.set_xlabel("batch size")
     ax.set_title("generation: prompt + new tokens, tokens/s")
-    vision_panel(axes[4], results["vision"])
+    if "vision" in results:
+        vision_panel(axes[4], results["vision"])
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -787,6 +789,7 @@ def main() -> None:
     only.add_argument("--selective-copying", action="store_true",
                       help="only the selective-copying task: the selective scan against a time-invariant one")
     only.add_argument("--vision", action="store_true", help="only the vision section: MambaVision against its ViT")
+    only.add_argument("--models", action="store_true", help="only the language models: generation and models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--anchors", type=Path, default=Path(__file__).resolve().parent / "anchors" /
@@ -824,7 +827,10 @@ def main() -> None:
                    torch=torch.__version__, dtype=str(dtype), sizes=sizes)
     alone = {"kernel": (lambda: kernel_table(device, args.anchors), print_kernel, None),     # the sections run alone
              "selective_copying": (lambda: selective_copying(args, device), print_copying, plot_copying),
-             "vision": (lambda: vision(args, device, dtype), print_vision, plot_vision)}
+             "vision": (lambda: vision(args, device, dtype), print_vision, plot_vision),
+             "models": (lambda: dict(models(args, device, dtype),
+                                     generation=generation(args, device, dtype, args.new_tokens)),
+                        lambda r: (print_generation(r["generation"]), print_models(r)), plot_models)}
     for section, (measure_section, show, draw) in alone.items():
         if getattr(args, section):
             results[section] = measure_section()

@@ -74,11 +74,13 @@ def test_the_sections_that_run_alone_cannot_be_combined(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_vision_section_alone_writes_its_results_and_figure_and_nothing_else(tmp_path):
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--vision", "--device", "cpu", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("section, names", [("vision", {"tiny", "vit-tiny"}),
+                                             ("models", {"prefill", "decoding", "training", "generation"})])
+def test_a_section_alone_writes_its_results_and_figure_and_nothing_else(tmp_path, section, names):
+    done = subprocess.run([sys.executable, "bench.py", "--quick", f"--{section}", "--device", "cpu", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    vision = json.loads((tmp_path / "vision.json").read_text())["vision"]
-    assert set(vision) == {"tiny", "vit-tiny"} and all(len(r["points"]) == 2 for r in vision.values())
-    assert (tmp_path / "vision.png").stat().st_size > 10_000 and "vision inference" in done.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.json", "vision.png"]       # no other section ran
+    results = json.loads((tmp_path / f"{section}.json").read_text())[section]
+    assert names <= set(results) and (tmp_path / f"{section}.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{section}.json", f"{section}.png"]   # nothing else ran
+    assert "scaling" not in done.stdout
