@@ -45,7 +45,7 @@ from tqdm import tqdm
 from mini_mamba.mamba import MambaConfig, MambaLM
 from mini_mamba.scan import selective_scan
 from mini_mamba.selective_copying import train_copying
-from mini_mamba.training import bounded, fail, output_folder
+from mini_mamba.training import bounded, fail, output_folder, peak_memory
 from mini_mamba.vision import build_model
 
 VOCAB = 50280                                   # GPT-NeoX's vocabulary, as the Mamba paper's language models
@@ -70,10 +70,6 @@ def time_ms(fn, device: torch.device) -> float:
         fn()
         runs.append((time.perf_counter() - start) * 1e3)
     return float(np.median(runs))
-
-
-def peak_memory(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def guarded(run, device: torch.device) -> dict:
@@ -702,7 +698,8 @@ def plot_models(results: dict, path: Path) -> None:
     """Five panels: prefill time and training throughput against length, decoding against context, generation
     against batch (both new-token counts), vision inference against image side (when results has it)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 5 if "vision" in results else 4, figsize=(27 if "vision" in results else 22, 5))
+    with_vision = "vision" in results
+    fig, axes = plt.subplots(1, 5 if with_vision else 4, figsize=(27 if with_vision else 22, 5))
     panels = ((axes[0], "prefill", "length", "ms", "prefill: ms per call (constant tokens per call)"),
               (axes[1], "decoding", "context", "tokens_per_s", "decoding: tokens/s against context"),
               (axes[3], "training", "length", "tokens_per_s", "training: tokens/s (constant tokens per step)"))
@@ -722,7 +719,7 @@ def plot_models(results: dict, path: Path) -> None:
                       label=f"{name}, {r['new_tokens']} new tokens")
     ax.set_xlabel("batch size")
     ax.set_title("generation: prompt + new tokens, tokens/s")
-    if "vision" in results:
+    if with_vision:
         vision_panel(axes[4], results["vision"])
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mini_mamba import data
 from mini_mamba.training import (EMA, CheckpointWriter, GraphedStep, StopRequest, agree, average_gradients, bounded,
                                  broadcast_, fail, learning_rates_on, load_saved, output_folder, param_groups,
-                                 save_atomic, setup, teardown, warmup_cosine)
+                                 peak_memory, save_atomic, setup, teardown, warmup_cosine)
 from mini_mamba.vision import SIZES, build_model
 
 CHECK_EVERY = 10         # steps between checks for a non-finite loss and, under torchrun, for a stop request (a sync)
@@ -362,7 +362,7 @@ def write_metrics(run: Run, **final) -> dict:
                    crop_pad=args.crop_pad, erase_p=args.erase_p, seed=args.seed, cuda_graph=args.cuda_graph,
                    compile=args.compile,
                    device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
-                   peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
+                   peak_memory_bytes=peak_memory(run.device),
                    history=history)
     if run.rank == 0:
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

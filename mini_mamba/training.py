@@ -50,6 +50,11 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def peak_memory(device: torch.device) -> int | None:
+    """The most GPU memory this process's tensors have held (since the last reset of the counter); None on a CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def output_folder(path: str | Path) -> Path:
     """The folder a script writes into, created with its parents before any work starts — or a one-line error when it
     cannot be created or written, instead of a traceback after the work."""
