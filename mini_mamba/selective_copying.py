@@ -82,7 +82,7 @@ def train_copying(selective: bool, steps: int = 10_000, seqlen: int = 256, n_dat
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=torch.device(device).type == "cuda")
     train_rng, test_rng = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(10_000 + seed)
     test = copying_batch(1024, seqlen, n_data, vocab, test_rng, device)
-    history, loss = [], torch.zeros(())
+    history = []
     bar = tqdm(range(1, steps + 1), desc=desc, disable=desc is None, dynamic_ncols=True)
     for step in bar:
         tokens, data = copying_batch(batch, seqlen, n_data, vocab, train_rng, device)
