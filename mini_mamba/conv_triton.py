@@ -5,9 +5,9 @@ of width d_conv = 4 over the SSM branch before the scan) as one Triton kernel, f
     out[b, c, t] = silu(a[b, c, t])
 
 nn.Conv1d computes the same with padding K-1 and the last K-1 outputs dropped (mamba.py's reference path), but through
-PyTorch's generic depthwise kernel and only on a contiguous (b, d, l) input: in the Mamba block that is a copy of the
-in_proj output, which lies as (b, l, d). Here x may have any strides, so the kernel reads in_proj's output where it
-lies, and writes out as the contiguous (b, d, l) the scan reads.
+PyTorch's generic depthwise kernel and only on a contiguous (b, d, l) input. Here x may have any strides, so the
+kernel reads in_proj's output where it lies, and writes out with time contiguous, as the scan reads it: in x's stride
+order when time is contiguous in x (the Mamba block's channel-major x, say), else as a contiguous (b, d, l).
 
 Backward, from dout = ∂L/∂out: da = dout · silu'(a), with a recomputed; then
     dx[b, c, s] = Σ_k w[c, k] · da[b, c, s + (K-1) - k]      dw[c, k] = Σ_b,t da[b, c, t] · x[b, c, t - (K-1) + k]
@@ -48,17 +48,19 @@ def _preactivation(x_ptr, w_ptr, bias_ptr, b, c, t, L, D, stride_b, stride_c, st
 
 @triton.jit
 def _conv_forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, L, D, stride_b, stride_c, stride_t,
-                         K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+                         out_stride_b, out_stride_c, out_stride_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     b, c, t = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2) * BT + tl.arange(0, BT)
     a = _preactivation(x_ptr, w_ptr, bias_ptr, b, c, t, L, D, stride_b, stride_c, stride_t, K, HAS_BIAS, BC, BT)
     mask = (c[:, None] < D) & (t[None, :] < L)
     out = a * tl.sigmoid(a)                                                        # silu
-    tl.store(out_ptr + (b * D + c[:, None]) * L + t[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    ptrs = out_ptr + b * out_stride_b + c[:, None] * out_stride_c + t[None, :] * out_stride_t
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _conv_backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, L, D,
-                          stride_b, stride_c, stride_t, dx_stride_b, dx_stride_c, dx_stride_t,
+                          stride_b, stride_c, stride_t, dout_stride_b, dout_stride_c, dout_stride_t,
+                          dx_stride_b, dx_stride_c, dx_stride_t,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     b, c, t = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2) * BT + tl.arange(0, BT)
     dx = tl.zeros((BC, BT), dtype=tl.float32)
@@ -66,7 +68,8 @@ def _conv_backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbia
         tj = t + j
         a = _preactivation(x_ptr, w_ptr, bias_ptr, b, c, tj, L, D, stride_b, stride_c, stride_t, K, HAS_BIAS, BC, BT)
         mask = (c[:, None] < D) & (tj[None, :] < L)
-        dout = tl.load(dout_ptr + (b * D + c[:, None]) * L + tj[None, :], mask=mask, other=0.0).to(tl.float32)
+        dout_ptrs = dout_ptr + b * dout_stride_b + c[:, None] * dout_stride_c + tj[None, :] * dout_stride_t
+        dout = tl.load(dout_ptrs, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(a)
         da = dout * sig * (1 + a * (1 - sig))                                      # silu'(a) = σ(a)(1 + a(1 - σ(a)))
         w = tl.load(w_ptr + c * K + (K - 1 - j), mask=c < D, other=0.0).to(tl.float32)
@@ -92,10 +95,11 @@ class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         batch, d, seqlen = x.shape
-        out = torch.empty(batch, d, seqlen, device=x.device, dtype=x.dtype)        # (b, d, l), contiguous
+        out = (torch.empty_like(x) if x.stride(-1) == 1 else                      # time contiguous, for the scan
+               torch.empty(batch, d, seqlen, device=x.device, dtype=x.dtype))
         _conv_forward_kernel[_grid(batch, d, seqlen)](x, weight, bias if bias is not None else weight, out, seqlen,
-                                                     d, *x.stride(), K=weight.shape[1], HAS_BIAS=bias is not None,
-                                                     BC=BLOCK_C, BT=BLOCK_T)
+                                                     d, *x.stride(), *out.stride(), K=weight.shape[1],
+                                                     HAS_BIAS=bias is not None, BC=BLOCK_C, BT=BLOCK_T)
         ctx.save_for_backward(x, weight, bias)
         return out
 
@@ -103,18 +107,18 @@ class CausalConv1dSiLU(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
         batch, d, seqlen = x.shape
-        dout = dout.contiguous()
-        dx = torch.empty(batch, d, seqlen, device=x.device, dtype=x.dtype)
+        dx = torch.empty_like(x)
         dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
         dbias = torch.zeros(d, device=x.device, dtype=torch.float32)
         _conv_backward_kernel[_grid(batch, d, seqlen)](x, weight, bias if bias is not None else weight, dout, dx, dw,
-                                                      dbias, seqlen, d, *x.stride(), *dx.stride(), K=weight.shape[1],
+                                                      dbias, seqlen, d, *x.stride(), *dout.stride(), *dx.stride(),
+                                                      K=weight.shape[1],
                                                       HAS_BIAS=bias is not None, BC=BLOCK_C, BT=BLOCK_T)
         return dx, dw.to(weight.dtype), None if bias is None else dbias.to(bias.dtype)
 
 
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu(causal depthwise conv1d of x): x (b, d, l), any strides; weight (d, d_conv) contiguous; bias (d,) or None.
-    Returns (b, d, l), contiguous, in x's dtype; differentiable in x, weight and bias."""
+    Returns (b, d, l) in x's dtype, time contiguous (see above); differentiable in x, weight and bias."""
     assert x.dim() == 3 and weight.dim() == 2 and weight.shape[0] == x.shape[1] and weight.is_contiguous()
     return CausalConv1dSiLU.apply(x, weight, bias)

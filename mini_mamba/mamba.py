@@ -82,11 +82,14 @@ class SelectiveSSM(nn.Module):
 
     def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The selection mechanism (Algorithm 2, lines 2-4): Δ (before softplus and bias), B and C from x.
-        x: (b, d_inner, l) -> delta (b, d_inner, l), B (b, d_state, l), C (b, d_state, l)."""
-        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))                 # (b, l, rank + 2·d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = rearrange(dt @ self.dt_proj.weight.t(), "b l d -> b d l")  # bias goes in the scan (fused softplus)
-        return delta, rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l")
+        x: (b, d_inner, l) -> delta (b, d_inner, l), B (b, d_state, l), C (b, d_state, l).
+        Channel-major, W · x over all b·l tokens: the results are views with time contiguous, which the scan reads in
+        place; x is read in place too when it is channel-major (the Mamba block's), else copied once."""
+        b = x.shape[0]
+        x_dbl = self.x_proj.weight @ rearrange(x, "b d l -> d (b l)")         # (rank + 2·d_state, b·l)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=0)
+        delta = self.dt_proj.weight @ dt                                       # (d_inner, b·l); bias: in the scan
+        return tuple(rearrange(t, "e (b l) -> b e l", b=b) for t in (delta, B, C))
 
     def uses_kernels(self, x: torch.Tensor) -> bool:
         """Whether inputs like x (b, d_inner, ...) go to the Triton kernels (scan.py's choose_impl decides)."""
@@ -100,7 +103,8 @@ class SelectiveSSM(nn.Module):
             ssm_state.copy_(h)
             return y[..., 0]
         from .step_triton import ssm_step                                    # Triton loads on first use
-        delta, B, C = (t[..., 0] for t in self.ssm_inputs(x[..., None]))    # (b, d_inner), (b, d_state) × 2
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, ·)
+        delta = dt @ self.dt_proj.weight.t()                                 # (b, d_inner), as ssm_inputs, one token
         return ssm_step(ssm_state, x, delta, self.A_log, B, C, self.D, z, self.dt_proj.bias, delta_softplus=True)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None,
@@ -135,14 +139,20 @@ class MambaBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, return_state: bool = False):
         """hidden: (b, l, d_model) -> (b, l, d_model); with return_state also (conv_state, ssm_state) after the
-        last token, to continue with step()."""
-        x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)   # (b, d_inner, l) each
+        last token, to continue with step().
+        Layout: in_proj is computed channel-major, W · hiddenᵀ, so x and z are (b, d_inner, l) views with time
+        contiguous, which the conv and scan kernels read in place and whose layout their outputs keep; out_proj
+        takes y as a transposed operand. No layout copies between the matrix products and the kernels."""
+        b = hidden.shape[0]
+        xz = self.in_proj.weight @ rearrange(hidden, "b l d -> d (b l)")     # (2·d_inner, b·l)
+        x, z = (rearrange(t, "e (b l) -> b e l", b=b) for t in xz.chunk(2, dim=0))   # (b, d_inner, l) each
         x_conv = self.conv(x)
+        y, ssm_state = self.ssm(x_conv, z, return_last_state=True) if return_state else (self.ssm(x_conv, z), None)
+        out = self.out_proj(rearrange(y, "b e l -> (b l) e")).view(hidden.shape)   # y read where it lies
         if not return_state:
-            return self.out_proj(rearrange(self.ssm(x_conv, z), "b d l -> b l d"))
-        y, ssm_state = self.ssm(x_conv, z, return_last_state=True)
+            return out
         conv_state = F.pad(x, (self.config.d_conv - 1, 0))[..., -(self.config.d_conv - 1):].contiguous()  # last inputs
-        return self.out_proj(rearrange(y, "b d l -> b l d")), (conv_state, ssm_state)
+        return out, (conv_state, ssm_state)
 
     def empty_state(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config

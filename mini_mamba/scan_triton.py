@@ -83,11 +83,11 @@ def _load_delta(delta_ptr, offs, mask, delta_bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _load_state_matrix(ptr, b, n, c, t, L, D_INNER, D_STATE: tl.constexpr, PER_STEP: tl.constexpr):
-    """Row n of B or C, broadcastable against a [BLOCK_C, BLOCK_T] tile: per step (batch, d_state, seqlen) gives
-    [1, BLOCK_T], time-invariant (d_inner, d_state) gives [BLOCK_C, 1]."""
+def _load_state_matrix(ptr, b, n, c, t, L, D_INNER, stride_b, stride_n, D_STATE: tl.constexpr, PER_STEP: tl.constexpr):
+    """Row n of B or C, broadcastable against a [BLOCK_C, BLOCK_T] tile: per step (batch, d_state, seqlen), time
+    contiguous, gives [1, BLOCK_T], time-invariant (d_inner, d_state) gives [BLOCK_C, 1]."""
     if PER_STEP:
-        row = (b * D_STATE + n).to(tl.int64) * L
+        row = b.to(tl.int64) * stride_b + n * stride_n
         M_n = tl.load(ptr + row + t, mask=t < L, other=0.0).to(tl.float32)[None, :]
     else:
         M_n = tl.load(ptr + c * D_STATE + n, mask=c < D_INNER, other=0.0).to(tl.float32)[:, None]
@@ -95,11 +95,11 @@ def _load_state_matrix(ptr, b, n, c, t, L, D_INNER, D_STATE: tl.constexpr, PER_S
 
 
 @triton.jit
-def _state_rows(B_ptr, C_ptr, b, n, c, t, L, D_INNER, D_STATE: tl.constexpr, B_PER_STEP: tl.constexpr,
-                C_PER_STEP: tl.constexpr):
-    """Row n of B and of C (see _load_state_matrix)."""
-    return (_load_state_matrix(B_ptr, b, n, c, t, L, D_INNER, D_STATE, B_PER_STEP),
-            _load_state_matrix(C_ptr, b, n, c, t, L, D_INNER, D_STATE, C_PER_STEP))
+def _state_rows(B_ptr, C_ptr, b, n, c, t, L, D_INNER, stride_b, stride_n, D_STATE: tl.constexpr,
+                B_PER_STEP: tl.constexpr, C_PER_STEP: tl.constexpr):
+    """Row n of B and of C (see _load_state_matrix); per-step B and C share their strides."""
+    return (_load_state_matrix(B_ptr, b, n, c, t, L, D_INNER, stride_b, stride_n, D_STATE, B_PER_STEP),
+            _load_state_matrix(C_ptr, b, n, c, t, L, D_INNER, stride_b, stride_n, D_STATE, C_PER_STEP))
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def _column(tile, cols, i):
 
 @triton.jit
 def _segment_kernel(w_ptr, delta_ptr, A_ptr, M_ptr, z_ptr, bias_ptr, state_ptr, decay_ptr,
-                    d_inner, L, segment_len, first_segment,
+                    d_inner, L, segment_len, first_segment, stride_b, stride_c, m_stride_b, m_stride_n,
                     D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
                     PER_STEP: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, BACKWARD: tl.constexpr):
     """Per (segment, batch, channel, state): the decay exp(A ΣΔ) across the segment, and
@@ -129,7 +129,7 @@ def _segment_kernel(w_ptr, delta_ptr, A_ptr, M_ptr, z_ptr, bias_ptr, state_ptr, 
     cn_mask = (c[:, None] < d_inner) & (n < D_STATE)
     A2 = tl.load(A_ptr + c[:, None] * D_STATE + n, mask=cn_mask, other=0.0) * 1.4426950408889634   # (C, N) A·log2(e)
     bias = tl.load(bias_ptr + c, mask=c < d_inner, other=0.0)                    # (C,) the channels' Δ bias
-    row = (b * d_inner + c).to(tl.int64) * L                                     # (C,)
+    row = b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c                  # (C,)
     summary = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)                          # ΣΔ over the steps so far
     segment_end = tl.minimum((seg + 1) * segment_len, L)
@@ -148,7 +148,7 @@ def _segment_kernel(w_ptr, delta_ptr, A_ptr, M_ptr, z_ptr, bias_ptr, state_ptr, 
             w = w * delta                                                        # Δ u
             span = tl.cumsum(delta, axis=1, reverse=True) - delta               # Σ_{s>t} Δ_s within this tile
         if PER_STEP:
-            M = tl.load(M_ptr + (b * D_STATE + n[:, :, None]).to(tl.int64) * L + t[None, None, :],
+            M = tl.load(M_ptr + b.to(tl.int64) * m_stride_b + n[:, :, None] * m_stride_n + t[None, None, :],
                         mask=(n[:, :, None] < D_STATE) & (t[None, None, :] < segment_end), other=0.0)   # (1, N, T)
         else:
             M = tl.load(M_ptr + c[:, None] * D_STATE + n, mask=cn_mask, other=0.0)[:, :, None]       # (C, N, 1)
@@ -171,7 +171,7 @@ def _segment_kernel(w_ptr, delta_ptr, A_ptr, M_ptr, z_ptr, bias_ptr, state_ptr, 
 @triton.jit
 def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
                     seg_state_ptr, seg_decay_ptr, out_ptr, chunk_states_ptr, last_state_ptr,
-                    d_inner, L, chunks_per_segment,
+                    d_inner, L, chunks_per_segment, stride_b, stride_c, bc_stride_b, bc_stride_n,
                     D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
                     B_PER_STEP: tl.constexpr, C_PER_STEP: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
                     SAVE_STATES: tl.constexpr):
@@ -184,7 +184,7 @@ def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
     A2 = tl.load(A_ptr + c[:, None] * D_STATE + n, mask=cn_mask, other=0.0) * 1.4426950408889634   # A·log2(e)
     bias = tl.load(bias_ptr + c, mask=c < d_inner, other=0.0)
     D = tl.load(D_ptr + c, mask=c < d_inner, other=0.0)
-    row = (b * d_inner + c).to(tl.int64) * L                                     # (C,) start of each channel's sequence
+    row = b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c                  # (C,) start of each channel's sequence
 
     h = tl.load(h0_ptr + cn, mask=cn_mask, other=0.0)                            # (C, N) fp32 state
     for k in range(seg):                                                         # the state at this segment's start
@@ -203,11 +203,12 @@ def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
             tl.store(chunk_states_ptr + ((b * d_inner + c[:, None]) * n_chunks + chunk) * D_STATE + n, h,
                      mask=cn_mask)
         y = D[:, None] * u                                                       # (C, T) the skip term D u
-        B_i, C_i = _state_rows(B_ptr, C_ptr, b, 0, c, t, L, d_inner, D_STATE, B_PER_STEP, C_PER_STEP)
+        B_i, C_i = _state_rows(B_ptr, C_ptr, b, 0, c, t, L, d_inner, bc_stride_b, bc_stride_n, D_STATE, B_PER_STEP,
+                               C_PER_STEP)
         for i in tl.range(D_STATE, loop_unroll_factor=4):    # 4 states' scans in flight at once (see tile_config)
             # fetch the next state's rows of B and C now, so that their latency hides behind this state's scan
-            B_next, C_next = _state_rows(B_ptr, C_ptr, b, (i + 1) % D_STATE, c, t, L, d_inner, D_STATE,
-                                         B_PER_STEP, C_PER_STEP)
+            B_next, C_next = _state_rows(B_ptr, C_ptr, b, (i + 1) % D_STATE, c, t, L, d_inner, bc_stride_b,
+                                         bc_stride_n, D_STATE, B_PER_STEP, C_PER_STEP)
             A2_i = _column(A2, n, i)                                             # (C,)
             A_bar = tl.exp2(delta * A2_i[:, None])                               # (C, T) Ā_t = exp(Δ_t A)
             Bu = delta_u * B_i                                                   # (C, T) B̄_t u_t = Δ_t B_t u_t
@@ -232,7 +233,7 @@ def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
 def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, chunk_states_ptr,
                      dlast_ptr, seg_grad_ptr, seg_decay_ptr,
                      du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-                     d_inner, L, chunks_per_segment,
+                     d_inner, L, chunks_per_segment, stride_b, stride_c, bc_stride_b, bc_stride_n,
                      D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
                      B_PER_STEP: tl.constexpr, C_PER_STEP: tl.constexpr, HAS_Z: tl.constexpr,
                      SOFTPLUS: tl.constexpr):
@@ -246,7 +247,7 @@ def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     A = tl.load(A_ptr + c[:, None] * D_STATE + n, mask=cn_mask, other=0.0)      # (C, N)
     bias = tl.load(bias_ptr + c, mask=c < d_inner, other=0.0)
     D = tl.load(D_ptr + c, mask=c < d_inner, other=0.0)
-    row = (b * d_inner + c).to(tl.int64) * L
+    row = b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c
 
     dh = tl.load(dlast_ptr + cn, mask=cn_mask, other=0.0)                        # (C, N) dL/dh at the segment's end
     for j in range(n_segments - 1 - seg):                                        # ... from the segments after it
@@ -280,10 +281,11 @@ def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         y = D[:, None] * u                                                       # recomputed, for dz
         gB = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)                      # Σ_n g B_n
         g_decay_A = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)              # Σ_n g_n Ā_n h_{n,t-1} A_n
-        B_i, C_i = _state_rows(B_ptr, C_ptr, b, 0, c, t, L, d_inner, D_STATE, B_PER_STEP, C_PER_STEP)
+        B_i, C_i = _state_rows(B_ptr, C_ptr, b, 0, c, t, L, d_inner, bc_stride_b, bc_stride_n, D_STATE, B_PER_STEP,
+                               C_PER_STEP)
         for i in range(D_STATE):
-            B_next, C_next = _state_rows(B_ptr, C_ptr, b, (i + 1) % D_STATE, c, t, L, d_inner, D_STATE,
-                                         B_PER_STEP, C_PER_STEP)                 # prefetch, as in the forward
+            B_next, C_next = _state_rows(B_ptr, C_ptr, b, (i + 1) % D_STATE, c, t, L, d_inner, bc_stride_b,
+                                         bc_stride_n, D_STATE, B_PER_STEP, C_PER_STEP)   # prefetch, as forward
             A_i = _column(A, n, i)                                               # (C,)
             # forward again: h_t from the chunk's start state
             A_bar = tl.exp2(delta * (A_i * 1.4426950408889634)[:, None])
@@ -396,16 +398,36 @@ def _segment_summaries(w, delta, A, M, z, delta_bias, softplus, backward, n_segm
     block_c = config["summary_block_c"]
     _segment_kernel[(triton.cdiv(d_inner, block_c), batch, n_segments - 1)](
         w, delta, A, M, w if z is None else z, delta_bias, summary, decay, d_inner, seqlen,
-        chunks_per_segment * config["block_t"], 1 if backward else 0, D_STATE=A.shape[1], BLOCK_N=block_n,
+        chunks_per_segment * config["block_t"], 1 if backward else 0, *delta.stride()[:2], *_row_strides(M),
+        D_STATE=A.shape[1], BLOCK_N=block_n,
         BLOCK_C=block_c, BLOCK_T=max(1, config["summary_elements"] // (block_n * block_c)),
         PER_STEP=M.dim() == 3, HAS_Z=z is not None,
         SOFTPLUS=softplus, BACKWARD=backward, num_warps=config["summary_num_warps"])
     return summary, decay
 
 
+def _row_strides(*Ms: torch.Tensor) -> tuple[int, int]:
+    """(batch, state) strides of the per-step ones of B and C, which share them; (0, 0) when both are time-invariant."""
+    return next((M.stride()[:2] for M in Ms if M.dim() == 3), (0, 0))
+
+
+def _time_contiguous(u: torch.Tensor) -> torch.Tensor:
+    """u itself when time is its contiguous axis and its layout is dense (the outputs and gradients, empty_like(u),
+    then share it: a (b, d, l) view of a (d, b·l) projection output, say), else a contiguous copy."""
+    return u if u.stride(-1) == 1 and torch.empty_like(u).stride() == u.stride() else u.contiguous()
+
+
+def _in_layout(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """t in the memory layout of like (same shape): t itself when the strides agree, else a copy."""
+    if t is None or t.stride() == like.stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
 class SelectiveScanFn(torch.autograd.Function):
-    """The fused forward and backward kernels as one differentiable op. Inputs are contiguous; D, delta_bias and
-    initial_state are tensors (zeros where the caller gave none); z may be None."""
+    """The fused forward and backward kernels as one differentiable op. u, delta and z (or None) share one layout
+    with time contiguous; per-step B and C share theirs, time contiguous; the rest is contiguous. D, delta_bias and
+    initial_state are tensors (zeros where the caller gave none)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, config):
@@ -420,6 +442,7 @@ class SelectiveScanFn(torch.autograd.Function):
                                                    chunks_per_segment, config) if grid[2] > 1 else (last_state,) * 2)
         _forward_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias, initial_state,
                               seg_state, seg_decay, out, chunk_states, last_state, d_inner, seqlen, chunks_per_segment,
+                              *u.stride()[:2], *_row_strides(B, C),
                               B_PER_STEP=B.dim() == 3, C_PER_STEP=C.dim() == 3, HAS_Z=z is not None,
                               SOFTPLUS=delta_softplus, SAVE_STATES=save, **meta)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
@@ -434,7 +457,7 @@ class SelectiveScanFn(torch.autograd.Function):
         d_state = A.shape[1]
         grid, chunks_per_segment, _ = _launch_shape(batch, d_inner, seqlen, config, config["bwd_block_c"])
         meta = _meta(A, config, config["bwd_block_c"], config["bwd_num_warps"])
-        dout = dout.contiguous()
+        dout = _in_layout(dout, u)
         f32 = dict(device=u.device, dtype=torch.float32)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
@@ -449,7 +472,7 @@ class SelectiveScanFn(torch.autograd.Function):
         _backward_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias, dout, chunk_states,
                                dlast_state.contiguous(), seg_grad, seg_decay,
                                du, ddelta, du if z is None else dz, dB, dC, dA, dD, dbias, dh0,
-                               d_inner, seqlen, chunks_per_segment,
+                               d_inner, seqlen, chunks_per_segment, *u.stride()[:2], *_row_strides(B, C),
                                B_PER_STEP=B.dim() == 3, C_PER_STEP=C.dim() == 3, HAS_Z=z is not None,
                                SOFTPLUS=ctx.delta_softplus, **meta)
         dB, dC = (dM if M.dim() == 3 else dM.sum((0, 1)) for M, dM in ((B, dB), (C, dC)))
@@ -470,7 +493,12 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     D = D if D is not None else torch.zeros(d_inner, **zeros)
     delta_bias = delta_bias if delta_bias is not None else torch.zeros(d_inner, **zeros)
     initial_state = initial_state if initial_state is not None else torch.zeros(batch, d_inner, d_state, **zeros)
-    out, last_state = SelectiveScanFn.apply(*(x.contiguous() if x is not None else None for x in
-                                              (u, delta, A, B, C, D, z, delta_bias, initial_state)),
+    u = _time_contiguous(u)
+    per_step = [M for M in (B, C) if M.dim() == 3]
+    if any(M.stride(-1) != 1 for M in per_step) or len({M.stride() for M in per_step}) > 1:
+        B, C = (M.contiguous() for M in (B, C))
+    out, last_state = SelectiveScanFn.apply(u, _in_layout(delta, u), A.contiguous(), B.contiguous() if B.dim() == 2
+                                            else B, C.contiguous() if C.dim() == 2 else C, D.contiguous(),
+                                            _in_layout(z, u), delta_bias.contiguous(), initial_state.contiguous(),
                                             delta_softplus, config)
     return (out, last_state) if return_last_state else out
