@@ -104,8 +104,8 @@ class SelectiveSSM(nn.Module):
             return y[..., 0]
         from .step_triton import ssm_step                                    # Triton loads on first use
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)   # (b, ·)
-        delta = dt @ self.dt_proj.weight.t()                                 # (b, d_inner), as ssm_inputs, one token
-        return ssm_step(ssm_state, x, delta, self.A_log, B, C, self.D, z, self.dt_proj.bias, delta_softplus=True)
+        return ssm_step(ssm_state, x, dt, self.A_log, B, C, self.D, z, self.dt_proj.bias, delta_softplus=True,
+                        dt_weight=self.dt_proj.weight)                       # Δ = dt · W_dtᵀ inside the kernel
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None,
                 return_last_state: bool = False):

@@ -7,7 +7,8 @@ here it is two launches, and each state is read once and written once, in place:
 
     conv_step   window = [conv_state, x_t]          conv_state (b, d_inner, d_conv-1) shifts left and takes x_t
                 x_conv = silu(Σ_k w_k window_k + bias)
-    ssm_step    Δ = softplus(Δ + delta_bias)        h (b, d_inner, d_state), fp32, updated in place
+    ssm_step    Δ = dt · W_dtᵀ  (optional)          dt_proj's product, for the channels of the program
+                Δ = softplus(Δ + delta_bias)        h (b, d_inner, d_state), fp32, updated in place
                 A = -exp(A_log)                     the Mamba block's parameters as stored (any float dtype):
                 h = exp(Δ A) h + Δ B u              A, D and the bias are made fp32 here, not by kernels
                 y = C·h + D u, gated by silu(z)     of their own at every token
@@ -47,17 +48,24 @@ def _conv_step_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, D_INNER, strid
 
 
 @triton.jit
-def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, D_INNER,
-                     stride_u, stride_delta, stride_B, stride_C, stride_z, stride_y,
+def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dt_w_ptr, y_ptr,
+                     D_INNER, DT_RANK, stride_u, stride_delta, stride_B, stride_C, stride_z, stride_y,
                      D_STATE: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr):
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                            # (BLOCK,) channels
     n = tl.arange(0, N_PAD)                                                       # (N_PAD,) state index
     mask = d < D_INNER
     dn_mask = mask[:, None] & (n[None, :] < D_STATE)
     u = tl.load(u_ptr + b * stride_u + d, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.load(delta_ptr + b * stride_delta + d, mask=mask, other=0.0).to(tl.float32)
+    if R_PAD > 0:                                            # Δ = dt · W_dtᵀ: dt (DT_RANK,), W_dt (d_inner, DT_RANK)
+        r = tl.arange(0, R_PAD)
+        dt = tl.load(delta_ptr + b * stride_delta + r, mask=r < DT_RANK, other=0.0).to(tl.float32)
+        W = tl.load(dt_w_ptr + d[:, None] * DT_RANK + r[None, :], mask=mask[:, None] & (r[None, :] < DT_RANK),
+                    other=0.0).to(tl.float32)
+        delta = tl.sum(W * dt[None, :], axis=1)                                  # (BLOCK,)
+    else:
+        delta = tl.load(delta_ptr + b * stride_delta + d, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         delta += tl.load(bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
     if SOFTPLUS:
@@ -100,19 +108,25 @@ def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, b
 
 def ssm_step(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A_log: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-             delta_bias: torch.Tensor | None = None, delta_softplus: bool = False) -> torch.Tensor:
+             delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+             dt_weight: torch.Tensor | None = None) -> torch.Tensor:
     """One step of the selective SSM with A = -exp(A_log). h (b, d_inner, d_state) fp32 contiguous, updated in place;
     u, delta, z (b, d_inner); A_log (d_inner, d_state); B, C (b, d_state); D, delta_bias (d_inner,) — the parameters
-    in any float dtype, computed with in fp32. Returns y (b, d_inner) in u's dtype."""
+    in any float dtype, computed with in fp32. With dt_weight (d_inner, dt_rank), contiguous, delta is dt (b, dt_rank)
+    and the kernel computes Δ = dt · dt_weightᵀ itself (the block's dt_proj product, one launch fewer a layer).
+    Returns y (b, d_inner) in u's dtype."""
     batch, d_inner = u.shape
     d_state = A_log.shape[1]
     assert h.is_contiguous() and h.dtype == torch.float32 and A_log.is_contiguous()
+    assert dt_weight is None or (dt_weight.is_contiguous() and dt_weight.shape == (d_inner, delta.shape[1]))
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
     some = u                                                                      # any pointer for absent tensors
     grid = (batch, triton.cdiv(d_inner, BLOCK_D))
     _ssm_step_kernel[grid](h, u, delta, A_log, B, C, D if D is not None else some, z if z is not None else some,
-                           delta_bias if delta_bias is not None else some, y, d_inner, _rows(u), _rows(delta),
-                           _rows(B), _rows(C), _rows(z) if z is not None else 0, y.stride(0), D_STATE=d_state,
+                           delta_bias if delta_bias is not None else some, some if dt_weight is None else dt_weight, y,
+                           d_inner, 0 if dt_weight is None else delta.shape[1], _rows(u), _rows(delta), _rows(B),
+                           _rows(C), _rows(z) if z is not None else 0, y.stride(0), D_STATE=d_state,
                            N_PAD=triton.next_power_of_2(d_state), BLOCK=BLOCK_D, SOFTPLUS=delta_softplus,
-                           HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None)
+                           HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                           R_PAD=0 if dt_weight is None else triton.next_power_of_2(delta.shape[1]))
     return y

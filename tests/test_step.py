@@ -33,6 +33,26 @@ def test_ssm_step_is_one_step_of_the_reference_loop(batch, d_inner, d_state, see
     assert_close(h, h_ref, FP32_TOL, "state")
 
 
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), d_inner=st.integers(1, 200), dt_rank=st.integers(1, 50), seed=st.integers(0, 999),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_ssm_step_computes_delta_from_its_low_rank_input(batch, d_inner, dt_rank, seed, dtype):
+    """With dt_weight, the kernel is given dt (b, dt_rank) and forms Δ = dt · dt_weightᵀ itself (dt_proj's product
+    in the Mamba block): the same step as with that Δ given, to fp32 rounding."""
+    p = make_problem(batch, d_inner, 4, 1, seed, dtype=dtype, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.randn(batch, dt_rank, generator=g).to(DEVICE, dtype)
+    dt_weight = (torch.randn(d_inner, dt_rank, generator=g) / dt_rank ** 0.5).to(DEVICE, dtype)
+    A_log = torch.log(-p["A"])
+    step = lambda h, delta, **kw: ssm_step(h, p["u"][..., 0], delta, A_log, p["B"][..., 0], p["C"][..., 0], p["D"],
+                                            p["z"][..., 0], p["delta_bias"], True, **kw)
+    h, h_fused = p["initial_state"].clone(), p["initial_state"].clone()
+    y = step(h, (dt.float() @ dt_weight.float().t()))                  # Δ computed outside, in fp32
+    y_fused = step(h_fused, dt, dt_weight=dt_weight)
+    assert_close(y_fused, y, tolerance(dtype), "y")
+    assert_close(h_fused, h, FP32_TOL, "state")
+
+
 @settings(max_examples=20, deadline=None)
 @given(batch=st.integers(1, 3), d_inner=st.integers(1, 200), d_conv=st.integers(2, 5), bias=st.booleans(),
        seed=st.integers(0, 999))
