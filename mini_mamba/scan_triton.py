@@ -416,9 +416,14 @@ def _row_strides(*Ms: torch.Tensor) -> tuple[int, int]:
 
 
 def _time_contiguous(u: torch.Tensor) -> torch.Tensor:
-    """u itself when time is its contiguous axis and its layout is dense (the outputs and gradients, empty_like(u),
-    then share it: a (b, d, l) view of a (d, b·l) projection output, say), else a contiguous copy."""
-    return u if u.stride(-1) == 1 and torch.empty_like(u).stride() == u.stride() else u.contiguous()
+    """u itself when time is its contiguous axis and its layout is dense, so that the outputs and gradients,
+    empty_like(u), share it (a (b, d, l) view of a (d, b·l) projection output, say); else a contiguous copy."""
+    expected = 1                                     # dense: sorted by stride, each stride the product of the sizes below
+    for size, stride in sorted((x for x in zip(u.shape, u.stride()) if x[0] != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return u.contiguous()
+        expected *= size
+    return u if u.stride(-1) == 1 or u.shape[-1] == 1 else u.contiguous()
 
 
 def _in_layout(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
