@@ -174,7 +174,7 @@ def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
                     d_inner, L, chunks_per_segment, stride_b, stride_c, bc_stride_b, bc_stride_n,
                     D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
                     B_PER_STEP: tl.constexpr, C_PER_STEP: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-                    SAVE_STATES: tl.constexpr, HAS_H0: tl.constexpr):
+                    SAVE_STATES: tl.constexpr):
     pid_c, b, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)                                  # (C,) this program's channels
     n = tl.arange(0, BLOCK_N)[None, :]                                           # (1, N) state index
@@ -186,9 +186,7 @@ def _forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
     D = tl.load(D_ptr + c, mask=c < d_inner, other=0.0)
     row = b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c                  # (C,) start of each channel's sequence
 
-    h = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)                          # (C, N) fp32 state
-    if HAS_H0:
-        h = tl.load(h0_ptr + cn, mask=cn_mask, other=0.0)
+    h = tl.load(h0_ptr + cn, mask=cn_mask, other=0.0)                            # (C, N) fp32 state
     for k in range(seg):                                                         # the state at this segment's start
         seg_cn = k * tl.num_programs(1) * d_inner * D_STATE + cn
         h = tl.load(seg_decay_ptr + seg_cn, mask=cn_mask) * h + tl.load(seg_state_ptr + seg_cn, mask=cn_mask)
@@ -238,7 +236,7 @@ def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
                      d_inner, L, chunks_per_segment, stride_b, stride_c, bc_stride_b, bc_stride_n,
                      D_STATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
                      B_PER_STEP: tl.constexpr, C_PER_STEP: tl.constexpr, HAS_Z: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr):
+                     SOFTPLUS: tl.constexpr):
     pid_c, b, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_batch, n_segments = tl.num_programs(1), tl.num_programs(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)                                  # (C,)
@@ -251,9 +249,7 @@ def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     D = tl.load(D_ptr + c, mask=c < d_inner, other=0.0)
     row = b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c
 
-    dh = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)                         # (C, N) dL/dh at the segment's end
-    if HAS_DLAST:
-        dh = tl.load(dlast_ptr + cn, mask=cn_mask, other=0.0)
+    dh = tl.load(dlast_ptr + cn, mask=cn_mask, other=0.0)                        # (C, N) dL/dh at the segment's end
     for j in range(n_segments - 1 - seg):                                        # ... from the segments after it
         seg_cn = (n_segments - 1 - j) * n_batch * d_inner * D_STATE + cn
         dh = tl.load(seg_decay_ptr + seg_cn, mask=cn_mask) * dh + tl.load(seg_grad_ptr + seg_cn, mask=cn_mask)
@@ -434,11 +430,9 @@ def _in_layout(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | Non
 
 
 class SelectiveScanFn(torch.autograd.Function):
-    """The fused forward and backward kernels as one differentiable op. u, delta and z share one layout with time
-    contiguous; per-step B and C share theirs, time contiguous; the rest is contiguous. D and delta_bias are tensors
-    (zeros where the caller gave none); z and initial_state may be None (no gate; a zero start, which the kernel makes
-    in registers). Nothing is zero-filled that need not be: below ~4K tokens the host's work per call costs more than
-    the kernels' (docs/model-throughput.md)."""
+    """The fused forward and backward kernels as one differentiable op. u, delta and z (or None) share one layout
+    with time contiguous; per-step B and C share theirs, time contiguous; the rest is contiguous. D, delta_bias and
+    initial_state are tensors (zeros where the caller gave none)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, config):
@@ -451,16 +445,13 @@ class SelectiveScanFn(torch.autograd.Function):
         chunk_states = u.new_empty(batch, d_inner, n_chunks, A.shape[1], dtype=torch.float32) if save else last_state
         seg_state, seg_decay = (_segment_summaries(u, delta, A, B, None, delta_bias, delta_softplus, False, grid[2],
                                                    chunks_per_segment, config) if grid[2] > 1 else (last_state,) * 2)
-        _forward_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias,
-                              last_state if initial_state is None else initial_state,
+        _forward_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias, initial_state,
                               seg_state, seg_decay, out, chunk_states, last_state, d_inner, seqlen, chunks_per_segment,
                               *u.stride()[:2], *_row_strides(B, C),
                               B_PER_STEP=B.dim() == 3, C_PER_STEP=C.dim() == 3, HAS_Z=z is not None,
-                              SOFTPLUS=delta_softplus, SAVE_STATES=save, HAS_H0=initial_state is not None, **meta)
+                              SOFTPLUS=delta_softplus, SAVE_STATES=save, **meta)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
-        ctx.delta_softplus, ctx.config = delta_softplus, config
-        ctx.state_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)                     # an unused output's gradient arrives as None, not zeros
+        ctx.delta_softplus, ctx.config, ctx.state_dtype = delta_softplus, config, initial_state.dtype
         return out, last_state
 
     @staticmethod
@@ -471,30 +462,27 @@ class SelectiveScanFn(torch.autograd.Function):
         d_state = A.shape[1]
         grid, chunks_per_segment, _ = _launch_shape(batch, d_inner, seqlen, config, config["bwd_block_c"])
         meta = _meta(A, config, config["bwd_block_c"], config["bwd_num_warps"])
-        dout = torch.zeros_like(u) if dout is None else _in_layout(dout, u)
+        dout = _in_layout(dout, u)
         f32 = dict(device=u.device, dtype=torch.float32)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
-        # per-step B/C: one fp32 sum over all programs (atomics into one zeroed buffer, a slice each);
-        # time-invariant: partial sums per program
-        per_step = iter(torch.zeros((B.dim() == 3) + (C.dim() == 3), batch, d_state, seqlen, **f32))
-        dB, dC = (next(per_step) if M.dim() == 3 else torch.empty(grid[2], batch, d_inner, d_state, **f32)
-                  for M in (B, C))
+        # per-step B/C: one fp32 sum over all programs (atomics); time-invariant: partial sums per program
+        dB, dC = (torch.zeros(batch, d_state, seqlen, **f32) if M.dim() == 3
+                  else torch.empty(grid[2], batch, d_inner, d_state, **f32) for M in (B, C))
         dA = torch.empty(grid[2], batch, d_inner, d_state, **f32)
         dD, dbias = torch.empty(grid[2], batch, d_inner, **f32), torch.empty(grid[2], batch, d_inner, **f32)
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
         seg_grad, seg_decay = (_segment_summaries(dout, delta, A, C, z, delta_bias, ctx.delta_softplus, True,
                                                   grid[2], chunks_per_segment, config) if grid[2] > 1 else (dh0,) * 2)
         _backward_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias, dout, chunk_states,
-                               dh0 if dlast_state is None else dlast_state.contiguous(), seg_grad, seg_decay,
+                               dlast_state.contiguous(), seg_grad, seg_decay,
                                du, ddelta, du if z is None else dz, dB, dC, dA, dD, dbias, dh0,
                                d_inner, seqlen, chunks_per_segment, *u.stride()[:2], *_row_strides(B, C),
                                B_PER_STEP=B.dim() == 3, C_PER_STEP=C.dim() == 3, HAS_Z=z is not None,
-                               SOFTPLUS=ctx.delta_softplus, HAS_DLAST=dlast_state is not None, **meta)
+                               SOFTPLUS=ctx.delta_softplus, **meta)
         dB, dC = (dM if M.dim() == 3 else dM.sum((0, 1)) for M, dM in ((B, dB), (C, dC)))
-        dh0 = None if ctx.state_dtype is None else dh0.to(ctx.state_dtype)
         return (du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum((0, 1)).to(D.dtype),
-                dz, dbias.sum((0, 1)).to(delta_bias.dtype), dh0, None, None)
+                dz, dbias.sum((0, 1)).to(delta_bias.dtype), dh0.to(ctx.state_dtype), None, None)
 
 
 def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -504,17 +492,18 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                           config: dict | None = None):
     """Same arguments and results as selective_scan_ref, on the Triton kernels. `config` overrides tile_config()."""
     batch, d_inner, seqlen = u.shape
+    d_state = A.shape[1]
     config = {**tile_config(batch, d_inner, seqlen, u.device), **(config or {})}
     zeros = dict(device=u.device, dtype=torch.float32)
     D = D if D is not None else torch.zeros(d_inner, **zeros)
     delta_bias = delta_bias if delta_bias is not None else torch.zeros(d_inner, **zeros)
+    initial_state = initial_state if initial_state is not None else torch.zeros(batch, d_inner, d_state, **zeros)
     u = _time_contiguous(u)
     per_step = [M for M in (B, C) if M.dim() == 3]
     if any(M.stride(-1) != 1 for M in per_step) or len({M.stride() for M in per_step}) > 1:
         B, C = (M.contiguous() for M in (B, C))
     out, last_state = SelectiveScanFn.apply(u, _in_layout(delta, u), A.contiguous(), B.contiguous() if B.dim() == 2
                                             else B, C.contiguous() if C.dim() == 2 else C, D.contiguous(),
-                                            _in_layout(z, u), delta_bias.contiguous(),
-                                            None if initial_state is None else initial_state.contiguous(),
+                                            _in_layout(z, u), delta_bias.contiguous(), initial_state.contiguous(),
                                             delta_softplus, config)
     return (out, last_state) if return_last_state else out
