@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mini_mamba.mamba import MambaBlock, MambaConfig, MambaLM
 
-from .conftest import DEVICE
+from .conftest import DEVICE, eager_and_compiled
 
 IMPLS = ["ref", "parallel", "triton"]
 
@@ -122,3 +122,18 @@ def test_the_kernel_path_computes_what_the_reference_path_does_with_the_same_gra
     torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-4, atol=1e-4)
     for name, grad in slow_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="torch.compile cannot trace the kernels in Triton's CPU interpreter")
+def test_the_compiled_block_computes_what_the_eager_one_does(monkeypatch):
+    """torch.compile traces the conv and scan kernels into its graph and lays out the tensors around them its own way:
+    the block's output and every gradient still agree with eager to fp32 rounding (TF32 off), per tensor relative to
+    its norm."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    block = MambaBlock(MambaConfig(d_model=32, n_layers=1)).to(DEVICE)
+    hidden = torch.randn(4, 49, 32, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, 49, 32, device=DEVICE)
+    eager, compiled = eager_and_compiled(block, hidden, lambda out: (out * weight).sum())
+    for name in eager:
+        assert (compiled[name] - eager[name]).norm() <= 1e-4 * eager[name].norm() + 1e-7, name

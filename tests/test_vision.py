@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mini_mamba.vision import SIZES, ViT, Attention, MambaVisionMixer, TokenStage, VisionConfig, build_model
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, eager_and_compiled
 
 
 @pytest.mark.parametrize("channels, size, classes", [(3, 32, 100), (1, 28, 10)])
@@ -111,7 +111,7 @@ def test_readme_states_the_parameter_counts_of_each_size():
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="train_cifar.py --compile is for CUDA GPUs")
 def test_the_compiled_model_computes_what_the_eager_one_does(monkeypatch):
     """torch.compile (train_cifar.py --compile) fuses kernels and reorders sums, so agreement is to float32 rounding,
-    measured per tensor relative to its norm: the logits and every parameter's gradient. Drop-path is off (its random
+    measured per tensor relative to its norm: the logits and every gradient. Drop-path is off (its random
     draws differ between the two) and so is TF32 (its 10-bit products would dominate the comparison). Some gradients
     are exactly zero in exact arithmetic (a bias of the last stage adds a per-channel constant, which the train-mode
     BatchNorm before the head subtracts again), so both sides hold rounding noise there: the floor for those is 1e-7
@@ -120,16 +120,10 @@ def test_the_compiled_model_computes_what_the_eager_one_does(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = build_model("tiny", 1, 10, drop_path=0.0).to(DEVICE)
-    images = torch.randn(16, 1, 28, 28, device=DEVICE)
+    images = torch.randn(16, 1, 28, 28, device=DEVICE, requires_grad=True)
     labels = torch.arange(16, device=DEVICE) % 10
-    results = []
-    for run in (model, torch.compile(model)):
-        model.zero_grad()
-        logits = run(images)
-        F.cross_entropy(logits, labels).backward()
-        results.append({"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}})
-    eager, compiled = results
-    floor = 1e-7 * torch.cat([g.flatten() for name, g in eager.items() if name != "logits"]).norm().item()
+    eager, compiled = eager_and_compiled(model, images, lambda logits: F.cross_entropy(logits, labels))
+    floor = 1e-7 * torch.cat([g.flatten() for name, g in eager.items() if name != "out"]).norm().item()
     for name in eager:
         error = (compiled[name] - eager[name]).norm().item()
         assert error <= 1e-4 * eager[name].norm().item() + floor, name
