@@ -176,6 +176,16 @@ class MambaBlock(nn.Module):
         return self.out_proj(y), (conv_state, ssm_state)
 
 
+def add_norm(norm: nn.RMSNorm, x: torch.Tensor, y: torch.Tensor | None, use_kernel: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, norm(x + y)), x when y is None; one Triton kernel when use_kernel."""
+    if use_kernel:
+        from .step_triton import add_rms_norm                                # Triton loads on first use
+        return add_rms_norm(x, y, norm.weight, norm.eps)
+    x = x if y is None else x + y
+    return x, norm(x)
+
+
 class ResidualBlock(nn.Module):
     """x + Mamba(RMSNorm(x)): the pre-norm residual block of the language model."""
 
@@ -188,10 +198,6 @@ class ResidualBlock(nn.Module):
         if not return_state:
             return x + self.mixer(self.norm(x))
         y, state = self.mixer(self.norm(x), return_state=True)
-        return x + y, state
-
-    def step(self, x: torch.Tensor, state):
-        y, state = self.mixer.step(self.norm(x), state)
         return x + y, state
 
 
@@ -239,13 +245,15 @@ class MambaLM(nn.Module):
 
     def step(self, token: torch.Tensor, states: list):
         """One token per sequence, token (b,) -> logits (b, vocab) and the states, advanced in place: O(1) time and
-        memory."""
-        x = self.embedding(token)
-        new_states = []
+        memory. Each block's residual add is taken with the next block's norm (add_norm): one kernel on the
+        Triton path."""
+        x, y = self.embedding(token), None             # the residual stream; the last block's output, to add to it
+        kernels = self.layers[0].mixer.ssm.uses_kernels(x)
         for layer, state in zip(self.layers, states):
-            x, state = layer.step(x, state)
-            new_states.append(state)
-        return self.lm_head(self.norm_f(x)), new_states
+            x, h = add_norm(layer.norm, x, y, kernels)                        # (b, d_model) each
+            y, _ = layer.mixer.step(h, state)
+        _, h = add_norm(self.norm_f, x, y, kernels)
+        return self.lm_head(h), states
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 32,

@@ -1,5 +1,5 @@
-"""One decoding step of the Mamba block as two small Triton kernels: the recurrent mode of Gu & Dao 2023, section 3.3
-("the model ... can be computed recurrently, one token at a time, in constant time and memory").
+"""One decoding step of the Mamba language model as small Triton kernels: the recurrent mode of Gu & Dao 2023,
+section 3.3 ("the model ... can be computed recurrently, one token at a time, in constant time and memory").
 
 Generating a token runs, per layer, the causal conv1d on the newest input and one step of the SSM. Written with
 PyTorch ops (mamba.py's reference path) that is some 30 tiny kernels per layer, each reading and writing the state;
@@ -13,8 +13,16 @@ here it is two launches, and each state is read once and written once, in place:
                 h = exp(Δ A) h + Δ B u              A, D and the bias are made fp32 here, not by kernels
                 y = C·h + D u, gated by silu(z)     of their own at every token
 
-The same equations as one iteration of scan_ref.py's loop; the tests hold these kernels to it and to mamba.py's
-PyTorch step. Runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (set before import).
+Between the blocks, a third kernel takes one block's residual add and the next block's RMSNorm together:
+
+    add_rms_norm  r = x + y                         the residual stream, rounded as PyTorch's add rounds it
+                  r / sqrt(mean(r²) + eps) · w      the next block's input (or the final norm's, before the head)
+
+A decoding step is a few microseconds of work per kernel at small batch, so what it costs is mostly how many kernels
+it launches: six a layer, with the three matrix products.
+
+The same equations as one iteration of scan_ref.py's loop and as nn.RMSNorm; the tests hold these kernels to them
+and to mamba.py's PyTorch step. Runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (set before import).
 """
 from __future__ import annotations
 
@@ -87,6 +95,23 @@ def _ssm_step_kernel(h_ptr, u_ptr, delta_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_
     tl.store(y_ptr + b * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, residual_ptr, out_ptr, D_MODEL, eps, stride_x, stride_y,
+                         BLOCK: tl.constexpr, HAS_Y: tl.constexpr):
+    b = tl.program_id(0)                                                          # one row per program
+    d = tl.arange(0, BLOCK)
+    mask = d < D_MODEL
+    r = tl.load(x_ptr + b * stride_x + d, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        r += tl.load(y_ptr + b * stride_y + d, mask=mask, other=0.0).to(tl.float32)
+        r = r.to(residual_ptr.dtype.element_ty)                                   # the stream's dtype, as x + y
+        tl.store(residual_ptr + b * D_MODEL + d, r, mask=mask)
+        r = r.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / D_MODEL + eps)
+    w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * D_MODEL + d, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _rows(x: torch.Tensor) -> int:
     """The row stride of a (batch, features) tensor whose features are contiguous (slices of a wider one are fine)."""
     assert x.dim() == 2 and x.stride(1) == 1, "expected (batch, features) with contiguous features"
@@ -130,3 +155,20 @@ def ssm_step(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A_log: torch
                            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                            R_PAD=0 if dt_weight is None else triton.next_power_of_2(delta.shape[1]))
     return y
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, rms_norm(r) · weight) with r = x + y (b, d_model): a block's residual add and the next block's RMSNorm as
+    one kernel. y None: r is x (the first block). r has the dtype x + y has; the norm, r's dtype (as nn.RMSNorm);
+    eps None: the dtype's machine epsilon, as nn.RMSNorm."""
+    batch, d_model = x.shape
+    assert weight.is_contiguous() and weight.shape == (d_model,)
+    dtype = x.dtype if y is None else torch.result_type(x, y)
+    residual = x if y is None else torch.empty(batch, d_model, device=x.device, dtype=dtype)
+    out = torch.empty(batch, d_model, device=x.device, dtype=dtype)
+    eps = torch.finfo(dtype).eps if eps is None else eps
+    _add_rms_norm_kernel[(batch,)](x, x if y is None else y, weight, residual, out, d_model, eps, _rows(x),
+                                   0 if y is None else _rows(y), BLOCK=triton.next_power_of_2(d_model),
+                                   HAS_Y=y is not None)
+    return residual, out

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from mini_mamba.scan_ref import selective_scan_ref
-from mini_mamba.step_triton import conv_step, ssm_step
+from mini_mamba.step_triton import add_rms_norm, conv_step, ssm_step
 
 from .conftest import DEVICE
 from .problems import FP32_TOL, assert_close, make_problem, tolerance
@@ -67,6 +67,26 @@ def test_conv_step_is_the_causal_conv_on_the_newest_input(batch, d_inner, d_conv
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(state, window[..., 1:])                         # shifted in place, newest input last
 
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")     # PyTorch's side, unfused
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), d_model=st.integers(1, 300), add=st.booleans(), seed=st.integers(0, 999),
+       dtypes=st.tuples(*[st.sampled_from([torch.float32, torch.bfloat16])] * 3))
+def test_add_rms_norm_is_the_residual_add_then_rms_norm(batch, d_model, add, seed, dtypes):
+    """The kernel between two blocks of a decoding step against PyTorch's x + y and nn.RMSNorm's F.rms_norm, with
+    the stream (x), the block's output (y) and the norm's weight each in fp32 or bf16 — a bf16 model, or an fp32 one
+    under bf16 autocast (an fp32 stream plus a bf16 output). y is a strided slice, as out_proj's output may be."""
+    g = torch.Generator().manual_seed(seed)
+    x_dtype, y_dtype, w_dtype = dtypes
+    x = torch.randn(batch, d_model, generator=g).to(DEVICE, x_dtype)
+    y = torch.randn(batch, 2 * d_model, generator=g).to(DEVICE, y_dtype)[:, :d_model] if add else None
+    weight = torch.randn(d_model, generator=g).to(DEVICE, w_dtype)
+    r = x + y if add else x
+    expected = F.rms_norm(r, (d_model,), weight, 1e-5)
+    residual, out = add_rms_norm(x, y, weight, 1e-5)
+    assert residual.dtype == r.dtype and out.dtype == expected.dtype
+    assert_close(residual, r, tolerance(r.dtype), "residual")         # one fp32 add, rounded once (to 1 ulp)
+    assert_close(out, expected, tolerance(out.dtype), "normed")
 
 def test_step_kernels_reject_a_non_contiguous_state():
     state = torch.zeros(2, 3, 8, device=DEVICE)[..., ::2]
