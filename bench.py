@@ -517,8 +517,8 @@ def vision(args, device, dtype) -> dict:
             def point() -> dict:
                 forward()                           # eager: its peak memory is the forward's (a replay allocates none)
                 peak = peak_memory(device)
-                timed = timed_point(graphed(forward, device), device, rate=("images_per_s", args.vision_batch))
-                return dict(timed, peak_bytes=peak) if "ms" in timed else timed
+                ms = time_ms(graphed(forward, device), device)
+                return dict(ms=ms, peak_bytes=peak, images_per_s=args.vision_batch / ms * 1e3)
             points.append(dict(side=side, batch=args.vision_batch, **guarded(point, device)))   # capture may run out
             del model, forward
         results[size] = dict(params=count_parameters(build_model(size, 3, 100)), points=points,

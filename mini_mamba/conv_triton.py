@@ -48,7 +48,8 @@ def _preactivation(x_ptr, w_ptr, bias_ptr, b, c, t, L, D, stride_b, stride_c, st
 
 @triton.jit
 def _conv_forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, L, D, stride_b, stride_c, stride_t,
-                         out_stride_b, out_stride_c, out_stride_t, K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+                         out_stride_b, out_stride_c, out_stride_t,
+                         K: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     b, c, t = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2) * BT + tl.arange(0, BT)
     a = _preactivation(x_ptr, w_ptr, bias_ptr, b, c, t, L, D, stride_b, stride_c, stride_t, K, HAS_BIAS, BC, BT)
     mask = (c[:, None] < D) & (t[None, :] < L)

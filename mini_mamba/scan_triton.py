@@ -499,11 +499,10 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     delta_bias = delta_bias if delta_bias is not None else torch.zeros(d_inner, **zeros)
     initial_state = initial_state if initial_state is not None else torch.zeros(batch, d_inner, d_state, **zeros)
     u = _time_contiguous(u)
-    per_step = [M for M in (B, C) if M.dim() == 3]
-    if any(M.stride(-1) != 1 for M in per_step) or len({M.stride() for M in per_step}) > 1:
-        B, C = (M.contiguous() for M in (B, C))
-    out, last_state = SelectiveScanFn.apply(u, _in_layout(delta, u), A.contiguous(), B.contiguous() if B.dim() == 2
-                                            else B, C.contiguous() if C.dim() == 2 else C, D.contiguous(),
+    per_step = [M for M in (B, C) if M.dim() == 3]                # read in place if time-contiguous with one layout
+    in_place = all(M.stride(-1) == 1 for M in per_step) and len({M.stride() for M in per_step}) <= 1
+    B, C = (M if M.dim() == 3 and in_place else M.contiguous() for M in (B, C))
+    out, last_state = SelectiveScanFn.apply(u, _in_layout(delta, u), A.contiguous(), B, C, D.contiguous(),
                                             _in_layout(z, u), delta_bias.contiguous(), initial_state.contiguous(),
                                             delta_softplus, config)
     return (out, last_state) if return_last_state else out

@@ -88,6 +88,7 @@ def test_add_rms_norm_is_the_residual_add_then_rms_norm(batch, d_model, add, see
     assert_close(residual, r, tolerance(r.dtype), "residual")         # one fp32 add, rounded once (to 1 ulp)
     assert_close(out, expected, tolerance(out.dtype), "normed")
 
+
 def test_step_kernels_reject_a_non_contiguous_state():
     state = torch.zeros(2, 3, 8, device=DEVICE)[..., ::2]
     with pytest.raises(AssertionError):
