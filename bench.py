@@ -89,14 +89,20 @@ def guarded(run, device: torch.device) -> dict:
             torch.cuda.empty_cache()
 
 
+def timed(run, device: torch.device) -> dict:
+    """run()'s milliseconds (`ms`) and the peak memory (bytes) of one call."""
+    run()
+    peak = peak_memory(device)                      # before timing: do_bench allocates a buffer to flush the L2
+    return dict(ms=time_ms(run, device), peak_bytes=peak)
+
+
 def measure(make, device: torch.device) -> dict:
     """make() -> (forward, forward_backward) closures over allocated inputs. Returns their times (ms) and the peak
     memory (bytes) of forward+backward, or {"oom": True}."""
     def run():
         forward, forward_backward = make()
-        forward_backward()
-        peak = peak_memory(device)                  # before timing: do_bench allocates a buffer to flush the L2
-        return dict(fwd_ms=time_ms(forward, device), fwd_bwd_ms=time_ms(forward_backward, device), peak_bytes=peak)
+        both = timed(forward_backward, device)
+        return dict(fwd_ms=time_ms(forward, device), fwd_bwd_ms=both["ms"], peak_bytes=both["peak_bytes"])
     return guarded(run, device)
 
 
@@ -393,11 +399,7 @@ def graphed(fn, device: torch.device):
 def timed_point(run, device: torch.device, rate: tuple[str, int] | None = None, **point) -> dict:
     """point with run()'s milliseconds (as `ms`) and the peak memory — and, given rate = (key, items per call), the
     items per second under that key — or with oom: True."""
-    def measured():
-        run()
-        peak = peak_memory(device)                  # before timing: do_bench allocates a buffer to flush the L2
-        return dict(ms=time_ms(run, device), peak_bytes=peak)
-    point = dict(point, **guarded(measured, device))
+    point = dict(point, **guarded(lambda: timed(run, device), device))
     if rate is not None and "ms" in point:
         point[rate[0]] = rate[1] / point["ms"] * 1e3
     return point
