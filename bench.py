@@ -16,6 +16,7 @@ Sections
   generation  a Mamba LM (d_model 768 × 24 layers) and a GPT-style Transformer (768 × 12 layers) of ~130M parameters,
               random weights, bf16: a prompt of 2048 tokens, then 128 new tokens; both decoders are captured in CUDA
               graphs (Transformer: static KV cache + SDPA; Mamba: its O(1) recurrent step). tokens/s = batch · 128 / time.
+              In the JSON under models, as generation (and generation_long with 1024 new tokens).
   models      the same two models: prefill time against prompt length (constant tokens per call); decoding tokens/s
               against context length (each step a CUDA-graph replay; the Transformer's cache grows, Mamba's state does
               not); generation with 1024 new tokens too; training tokens/s against context (constant tokens per step);
@@ -529,12 +530,14 @@ def vision(args, device, dtype) -> dict:
 
 
 def models(args, device, dtype) -> dict:
-    """The four comparisons and the floors, with Mamba's times as multiples of its floors."""
+    """The four comparisons (generation with both new-token counts) and the floors, with Mamba's times as multiples
+    of its floors."""
     mamba = mamba_lm(args).to(device=device, dtype=dtype).eval()        # one model for the inference panels
     results = dict(prefill=prefill(args, mamba, device, dtype), decoding=decoding(args, mamba, device, dtype),
                    floors=floors(args, mamba, device, dtype))
     del mamba
-    results.update(generation_long=generation(args, device, dtype, args.long_new_tokens),
+    results.update(generation=generation(args, device, dtype, args.new_tokens),
+                   generation_long=generation(args, device, dtype, args.long_new_tokens),
                    training=training(args, device))
     floor = results["floors"]
     ours = next(p for p in results["prefill"]["mamba"] if p["length"] == floor["prefill"]["length"])
@@ -642,7 +645,7 @@ def print_scaling(results: dict) -> None:
 
 
 def print_generation(results: dict) -> None:
-    print("\ngeneration (tokens/s)")
+    print(f"\ngeneration (tokens/s), {results['mamba']['new_tokens']} new tokens")
     for name, r in results.items():
         cells = " ".join(f"b{p['batch']}:{'OOM' if p.get('oom') else format(p['tokens_per_s'], '.0f')}" for p in r["points"])
         print(f"  {name:12s} {r['params'] / 1e6:.0f}M params  {cells}")
@@ -665,6 +668,8 @@ def print_kernel(results: dict) -> None:
 
 
 def print_models(results: dict) -> None:
+    print_generation(results["generation"])
+    print_generation(results["generation_long"])
     rows = (("prefill", "length", "ms", "ms"), ("decoding", "context", "tokens_per_s", "tokens/s"),
             ("training", "length", "tokens_per_s", "tokens/s"))
     for section, x, y, unit in rows:
@@ -768,7 +773,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[2]
-    for name, r in results.get("generation", {}).items():
+    for name, r in results["models"]["generation"].items():
         pts = [p for p in r["points"] if p.get("tokens_per_s")]
         ax.loglog([p["batch"] for p in pts], [p["tokens_per_s"] for p in pts], "o-",
                   label=f"{name} ({r['params'] / 1e6:.0f}M)", ms=3)
@@ -827,9 +832,7 @@ def main() -> None:
     alone = {"kernel": (lambda: kernel_table(device, args.anchors), print_kernel, None),     # the sections run alone
              "selective_copying": (lambda: selective_copying(args, device), print_copying, plot_copying),
              "vision": (lambda: vision(args, device, dtype), print_vision, plot_vision),
-             "models": (lambda: dict(models(args, device, dtype),
-                                     generation=generation(args, device, dtype, args.new_tokens)),
-                        lambda r: (print_generation(r["generation"]), print_models(r)), plot_models)}
+             "models": (lambda: models(args, device, dtype), print_models, plot_models)}
     for section, (measure_section, show, draw) in alone.items():
         if getattr(args, section):
             results[section] = measure_section()
@@ -840,16 +843,13 @@ def main() -> None:
             return
     results["scaling"] = scaling(args, device, dtype)
     print_scaling(results["scaling"])
-    results["generation"] = generation(args, device, dtype, args.new_tokens)
-    print_generation(results["generation"])
     results["models"] = models(args, device, dtype)
     print_models(results["models"])
     results["vision"] = vision(args, device, dtype)
     print_vision(results["vision"])
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "scaling.png")
-    plot_models(dict(results["models"], generation=results["generation"], vision=results["vision"]),
-                args.out / "models.png")
+    plot_models(dict(results["models"], vision=results["vision"]), args.out / "models.png")
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'scaling.png'} and {args.out / 'models.png'}")
 
 

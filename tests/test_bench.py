@@ -22,9 +22,9 @@ def test_quick_bench_writes_results_and_figure(tmp_path):
         assert all(p["fwd_bwd_ms"] > 0 for p in method["points"] if "fwd_bwd_ms" in p)
         assert method["slope_fwd_bwd_ms"] is not None
     for model in ("mamba", "transformer"):
-        assert [p["batch"] for p in results["generation"][model]["points"]] == [1, 2, 4]
-        assert all(p["tokens_per_s"] > 0 for p in results["generation"][model]["points"])
-    assert "generation (tokens/s)" in done.stdout
+        assert [p["batch"] for p in results["models"]["generation"][model]["points"]] == [1, 2, 4]
+        assert all(p["tokens_per_s"] > 0 for p in results["models"]["generation"][model]["points"])
+    assert all(f"generation (tokens/s), {n} new tokens" in done.stdout for n in (8, 16))
     models = results["models"]
     assert (tmp_path / "models.png").stat().st_size > 10_000
     for section, x, lengths in (("prefill", "length", [16, 32, 64]), ("training", "length", [16, 32, 64]),
