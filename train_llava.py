@@ -185,25 +185,31 @@ def evaluate_llava(model: TinyLLaVA, tokenizer: Tokenizer, labels: Labels, test_
     images, on the same questions — and three sample conversations."""
     model.eval()
 
-    def accuracy(features: torch.Tensor) -> tuple[dict[str, float], list[dict]]:
-        """Exact match per type and paraphrase set, and per paraphrase (template_report's rows)."""
-        result, by_template = {}, []
+    def answered(features: torch.Tensor) -> dict[str, tuple[bool, list, list[str]]]:
+        """The same questions of each type and paraphrase set, answered with these features: key ("class",
+        "class_heldout", ...) -> (heldout, examples, the model's answers)."""
+        sets = {}
         for kind in labels.kinds:
             for heldout in (False, True):
                 rng = random.Random(f"{seed}-{kind}-{heldout}")
                 examples = [labels.example(kind, y, rng, heldout) for y in test_labels]
-                answers = model.answer(tokenizer, examples, features)
-                key = f"{kind}_heldout" if heldout else kind
-                result[key] = sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
-                by_template += template_report(examples, answers, heldout)
-        return result, by_template
+                sets[f"{kind}_heldout" if heldout else kind] = (heldout, examples,
+                                                                model.answer(tokenizer, examples, features))
+        return sets
+
+    def accuracy(sets: dict) -> dict[str, float]:
+        """Exact match per type and paraphrase set."""
+        return {key: sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
+                for key, (_, examples, answers) in sets.items()}
 
     shuffled = test_features[torch.randperm(len(test_features), generator=torch.Generator().manual_seed(0))]
     with autocast:
-        seen, by_template = accuracy(test_features)          # the per-paraphrase report: the run with the images
-        metrics = dict(accuracy=seen, by_template=by_template,
-                       blind_accuracy=accuracy(torch.zeros_like(test_features))[0],
-                       shuffled_accuracy=accuracy(shuffled)[0])
+        with_image = answered(test_features)
+        metrics = dict(accuracy=accuracy(with_image),
+                       by_template=[row for heldout, examples, answers in with_image.values()   # per paraphrase
+                                    for row in template_report(examples, answers, heldout)],
+                       blind_accuracy=accuracy(answered(torch.zeros_like(test_features))),
+                       shuffled_accuracy=accuracy(answered(shuffled)))
     samples = []
     for i in range(min(3, len(test_labels))):
         rng = random.Random(i)
