@@ -151,8 +151,13 @@ class MambaBlock(nn.Module):
         out = self.out_proj(rearrange(y, "b e l -> (b l) e")).view(hidden.shape)   # y read where it lies
         if not return_state:
             return out
-        conv_state = F.pad(x, (self.config.d_conv - 1, 0))[..., -(self.config.d_conv - 1):].contiguous()  # last inputs
-        return out, (conv_state, ssm_state)
+        return out, (self.conv_window(x), ssm_state)
+
+    def conv_window(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv state after x (b, d_inner, l): its last d_conv-1 inputs, zeros before the first when l is
+        shorter. Only those steps are copied (padding all of x first would copy the whole sequence)."""
+        k = self.config.d_conv - 1
+        return F.pad(x[..., -k:], (max(0, k - x.shape[-1]), 0)).contiguous()   # (b, d_inner, d_conv-1)
 
     def empty_state(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config

@@ -57,9 +57,10 @@ def test_step_by_step_decoding_equals_the_full_forward(impl):
     torch.testing.assert_close(torch.stack(stepped, 1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("split", [1, 2, 5])
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_prefill_then_step_continues_the_sequence(split):
-    """The state returned by a parallel pass over a prefix (shorter or longer than the conv window) continues it."""
+    """The state returned by a parallel pass over a prefix (shorter than the conv window, as long, longer)
+    continues it."""
     torch.manual_seed(1)
     lm = MambaLM(tiny())
     ids = torch.randint(0, 37, (2, 8))
